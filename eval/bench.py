@@ -1,0 +1,181 @@
+"""`dspark bench`: every decoding method on one prompt set, side by side, in one process.
+
+Plain decoding at R=1 runs first and is the reference: every other method's outputs are compared
+with it token for token (DESIGN §5: in bf16 a divergence is legitimate only at a near-tie of the
+plain run's top-1/top-2 logits, so each divergence's margin is reported). Speedups are ratios of
+tokens/s measured in this run against plain decoding at the same concurrency R.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats
+from dspark.models.errors import DSparkError
+from dspark.models.target import load_target
+
+from .prompts import load_prompts
+
+KNOWN = ("plain", "oracle", "prompt_lookup", "hf_prompt_lookup", "hf_generate")
+
+
+def run(cfg) -> dict:
+    unknown = [m for m in cfg.methods if m not in KNOWN]
+    if unknown:
+        raise DSparkError(f"unknown bench method(s) {unknown}: choose from {list(KNOWN)}")
+    out_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    target = load_target(cfg.target)
+    texts = load_prompts(cfg.prompts)
+    prompts = [target.encode_chat(t) for t in texts]
+    bench = Bench(target, prompts, cfg)
+    bench.warm_up()
+    methods = {}
+    reference = bench.plain_reference()
+    for r in cfg.concurrency:
+        plain = reference if r == 1 else bench.measure("plain", r)
+        for name in ["plain"] + [m for m in cfg.methods if m != "plain"]:
+            if name.startswith("hf_") and r != 1:
+                continue   # Hugging Face assisted generation serves one request at a time
+            stats, outputs = (plain if name == "plain" else bench.measure(name, r))
+            row = bench.row(stats, outputs, reference[1], plain[0])
+            methods[name if r == 1 else f"{name}@R{r}"] = row
+    report = {
+        "target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
+        "prompts": len(prompts), "prompt_set": cfg.prompts.source, "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "gamma": cfg.gamma,
+        "near_tie_margin": cfg.near_tie_margin, "seed": cfg.seed,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu threads={torch.get_num_threads()}"
+                   + (f" {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "methods": methods,
+    }
+    table = markdown(report)
+    write_atomic(out_dir / "bench.json", json.dumps(report, indent=2))
+    write_atomic(out_dir / "bench.md", table + "\n")
+    print(table)
+    print(f"wrote {out_dir / 'bench.json'}")
+    best = max((m["speedup_vs_plain"] for k, m in methods.items() if k != "plain" and "oracle" not in k),
+               default=1.0)
+    return {"best_speedup": best}
+
+
+class Bench:
+    def __init__(self, target, prompts: list[list[int]], cfg):
+        self.target, self.prompts, self.cfg = target, prompts, cfg
+        self.streams: dict[int, list[int]] = {}
+        self.margins: list[list[float]] = []
+
+    def engine(self, name: str, record: bool = False) -> Engine:
+        c = self.cfg
+        drafter = None
+        if name == "oracle":
+            drafter = OracleDrafter(self.target, streams=self.streams)
+        elif name == "prompt_lookup":
+            drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
+        return Engine(self.target, drafter, gamma=c.gamma, temperature=c.temperature, top_p=c.top_p,
+                      record_margins=record)
+
+    def warm_up(self) -> None:
+        Engine(self.target).generate(self.prompts[:1], 4)
+
+    def plain_reference(self):
+        stats, outputs, states = self._batches("plain", 1, record=True)
+        self.margins = [s.margins for s in states]
+        self.streams = {i: list(o) for i, o in enumerate(outputs)}
+        return stats, outputs
+
+    def measure(self, name: str, r: int):
+        if name.startswith("hf_"):
+            return self._hf(name)
+        stats, outputs, _ = self._batches(name, r)
+        return stats, outputs
+
+    def _batches(self, name: str, r: int, record: bool = False):
+        engine = self.engine(name, record)
+        total, outputs, states = Stats(gamma=max(self.cfg.gamma, 1)), [], []
+        bar = tqdm(range(0, len(self.prompts), r), desc=f"{name} R={r}", unit="batch", leave=False)
+        for start in bar:
+            batch = self.prompts[start:start + r]
+            if name == "oracle":   # the oracle's streams are keyed by prompt index
+                engine.drafter.streams = {i - start: self.streams[i] for i in range(start, start + len(batch))
+                                          if i in self.streams}
+            res = engine.generate(batch, self.cfg.max_new_tokens, seed=self.cfg.seed + start)
+            total.absorb(res.stats)
+            outputs += res.outputs
+            states += res.states
+        return total, outputs, states
+
+    def _hf(self, name: str):
+        """Hugging Face `generate` (plain, or prompt lookup) one prompt at a time: the outside baseline."""
+        c, model = self.cfg, self.target.model
+        stats, outputs = Stats(gamma=max(c.gamma, 1)), []
+        kw = dict(max_new_tokens=c.max_new_tokens, eos_token_id=self.target.eos_token_ids,
+                  pad_token_id=self.target.eos_token_ids[0])
+        kw.update(dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.temperature > 0
+                  else dict(do_sample=False))
+        if name == "hf_prompt_lookup":
+            kw["prompt_lookup_num_tokens"] = c.gamma
+        for p in tqdm(self.prompts, desc=name, unit="prompt", leave=False):
+            ids = torch.tensor([p], device=self.target.device)
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)[0, len(p):].tolist()
+            dt = time.perf_counter() - t
+            stats.wall += dt
+            stats.tokens += len(out)
+            stats.requests += 1
+            stats.per_user_tps.append(len(out) / dt)
+            outputs.append(out)
+        return stats, outputs
+
+    def row(self, stats: Stats, outputs, reference, plain_stats: Stats) -> dict:
+        s = stats.summary()
+        if stats.forwards == 0:   # Hugging Face rows: no runtime internals to report
+            s.update(tau=None, acceptance_by_position=[])
+        s["speedup_vs_plain"] = s["tokens_per_s"] / max(plain_stats.summary()["tokens_per_s"], 1e-9)
+        if self.cfg.temperature > 0:
+            s.update(identical_to_plain=None, exact_match_rate=None, max_divergence_margin=None,
+                     divergences=None)
+            return s
+        margins = []
+        for i, (out, ref) in enumerate(zip(outputs, reference)):
+            if out != ref:
+                j = next((k for k, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+                margins.append(self.margins[i][j] if j < len(self.margins[i]) else float("inf"))
+        s.update(identical_to_plain=not margins,
+                 exact_match_rate=1 - len(margins) / len(reference),
+                 max_divergence_margin=max(margins) if margins else None,
+                 divergences=len(margins),
+                 divergences_all_near_ties=all(m < self.cfg.near_tie_margin for m in margins))
+        return s
+
+
+def markdown(report: dict) -> str:
+    head = ("| method | tok/s | per-user tok/s | speedup vs plain | τ | accept rate | exact match "
+            "| max div. margin | ms/step draft / verify / other |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"{report['target']} ({report['dtype']}), {report['prompts']} {report['prompt_set']} prompts, "
+             f"max_new_tokens {report['max_new_tokens']}, T={report['temperature']}, γ={report['gamma']}, "
+             f"{report['machine']}", "", head]
+    for name, m in report["methods"].items():
+        steps = max(m["target_forwards"], 1)
+        t = m["time_s"]
+        split = (f"{1e3 * t['draft'] / steps:.1f} / {1e3 * t['verify'] / steps:.1f} / {1e3 * t['other'] / steps:.1f}"
+                 if m["target_forwards"] else "–")
+        fmt = (lambda v, f: "–" if v is None else format(v, f))
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['per_user_tokens_per_s']:.1f} | "
+                     f"{m['speedup_vs_plain']:.2f}× | {fmt(m['tau'], '.2f')} | {m['acceptance_rate']:.2f} | "
+                     f"{fmt(m['exact_match_rate'], '.2f')} | {fmt(m['max_divergence_margin'], '.3f')} | {split} |")
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

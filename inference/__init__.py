@@ -1,0 +1,7 @@
+"""The inference runtime: batched lossless speculative decoding over a frozen target."""
+from .drafters import Drafter, OracleDrafter, PromptLookupDrafter, Proposal, RandomDrafter, RequestState
+from .engine import Engine, Result, Stats
+from .policy import VerifyAll
+
+__all__ = ["Drafter", "Engine", "OracleDrafter", "PromptLookupDrafter", "Proposal", "RandomDrafter",
+           "RequestState", "Result", "Stats", "VerifyAll"]

@@ -1,0 +1,24 @@
+"""One exception type for bad input, and the guard that turns it into one clear error line."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+class DSparkError(Exception):
+    """A user-facing error. The message names the problem and the fix."""
+
+
+def guarded(stage: str, run, cfg):
+    """Call a stage's `run(cfg)`; on bad input print one line and exit 2 (traceback only with
+    HYDRA_FULL_ERROR=1), removing the output folder if the failed run left it empty."""
+    try:
+        return run(cfg)
+    except DSparkError as e:
+        out = cfg.get("output_dir") if hasattr(cfg, "get") else None
+        if out and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"dspark {stage}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

