@@ -22,6 +22,21 @@ def usage() -> str:
             "`dspark <stage> --help` shows that stage's configuration.")
 
 
+def unknown_group_choice(overrides: list[str]) -> str | None:
+    """Hydra lists a missing config-group option over many lines; say it in one."""
+    from importlib.resources import files
+
+    conf = files("dspark.conf")
+    for o in overrides:
+        key, eq, value = o.lstrip("+~").partition("=")
+        if not eq or "." in key or "," in value or not conf.joinpath(key).is_dir():
+            continue
+        options = sorted(p.name[:-5] for p in conf.joinpath(key).iterdir() if p.name.endswith(".yaml"))
+        if value not in options:
+            return f"unknown {key} '{value}': choose one of {', '.join(options)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -37,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         if not (e.name or "").startswith("dspark"):
             raise
         print(f"dspark: error: stage '{stage}' is not built yet in this version", file=sys.stderr)
+        sys.exit(2)
+    bad = unknown_group_choice(argv[1:])
+    if bad:
+        print(f"dspark {stage}: error: {bad}", file=sys.stderr)
         sys.exit(2)
     sys.argv = [f"dspark {stage}"] + argv[1:]
     module.main()

@@ -137,7 +137,7 @@ class Bench:
     def row(self, stats: Stats, outputs, reference, plain_stats: Stats) -> dict:
         s = stats.summary()
         if stats.forwards == 0:   # Hugging Face rows: no runtime internals to report
-            s.update(tau=None, acceptance_by_position=[])
+            s.update(tau=None, acceptance_by_position=[], acceptance_rate=None)
         s["speedup_vs_plain"] = s["tokens_per_s"] / max(plain_stats.summary()["tokens_per_s"], 1e-9)
         if self.cfg.temperature > 0:
             s.update(identical_to_plain=None, exact_match_rate=None, max_divergence_margin=None,
@@ -169,7 +169,7 @@ def markdown(report: dict) -> str:
                  if m["target_forwards"] else "–")
         fmt = (lambda v, f: "–" if v is None else format(v, f))
         lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['per_user_tokens_per_s']:.1f} | "
-                     f"{m['speedup_vs_plain']:.2f}× | {fmt(m['tau'], '.2f')} | {m['acceptance_rate']:.2f} | "
+                     f"{m['speedup_vs_plain']:.2f}× | {fmt(m['tau'], '.2f')} | {fmt(m['acceptance_rate'], '.2f')} | "
                      f"{fmt(m['exact_match_rate'], '.2f')} | {fmt(m['max_divergence_margin'], '.3f')} | {split} |")
     return "\n".join(lines)
 

