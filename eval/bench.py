@@ -49,6 +49,7 @@ def run(cfg) -> dict:
     report = {
         "target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
         "prompts": len(prompts), "prompt_set": cfg.prompts.source, "max_new_tokens": cfg.max_new_tokens,
+        "ignore_eos": cfg.ignore_eos,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "gamma": cfg.gamma,
         "near_tie_margin": cfg.near_tie_margin, "seed": cfg.seed,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu threads={torch.get_num_threads()}"
@@ -105,7 +106,8 @@ class Bench:
             if name == "oracle":   # the oracle's streams are keyed by prompt index
                 engine.drafter.streams = {i - start: self.streams[i] for i in range(start, start + len(batch))
                                           if i in self.streams}
-            res = engine.generate(batch, self.cfg.max_new_tokens, seed=self.cfg.seed + start)
+            res = engine.generate(batch, self.cfg.max_new_tokens, seed=self.cfg.seed + start,
+                                  eos_token_ids=[] if self.cfg.ignore_eos else None)
             total.absorb(res.stats)
             outputs += res.outputs
             states += res.states
@@ -115,7 +117,8 @@ class Bench:
         """Hugging Face `generate` (plain, or prompt lookup) one prompt at a time: the outside baseline."""
         c, model = self.cfg, self.target.model
         stats, outputs = Stats(gamma=max(c.gamma, 1)), []
-        kw = dict(max_new_tokens=c.max_new_tokens, eos_token_id=self.target.eos_token_ids,
+        kw = dict(max_new_tokens=c.max_new_tokens, min_new_tokens=c.max_new_tokens if c.ignore_eos else 0,
+                  eos_token_id=self.target.eos_token_ids,
                   pad_token_id=self.target.eos_token_ids[0])
         kw.update(dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.temperature > 0
                   else dict(do_sample=False))
@@ -152,13 +155,13 @@ class Bench:
                  exact_match_rate=1 - len(margins) / len(reference),
                  max_divergence_margin=max(margins) if margins else None,
                  divergences=len(margins),
-                 divergences_all_near_ties=all(m < self.cfg.near_tie_margin for m in margins))
+                 divergences_all_near_ties=all(m <= self.cfg.near_tie_margin for m in margins))
         return s
 
 
 def markdown(report: dict) -> str:
-    head = ("| method | tok/s | per-user tok/s | speedup vs plain | τ | accept rate | exact match "
-            "| max div. margin | ms/step draft / verify / other |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| method | tok/s | decode tok/s | per-user tok/s | speedup vs plain | τ | accept rate | exact match "
+            "| max div. margin | ms/step draft / verify / other |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"{report['target']} ({report['dtype']}), {report['prompts']} {report['prompt_set']} prompts, "
              f"max_new_tokens {report['max_new_tokens']}, T={report['temperature']}, γ={report['gamma']}, "
              f"{report['machine']}", "", head]
@@ -168,7 +171,8 @@ def markdown(report: dict) -> str:
         split = (f"{1e3 * t['draft'] / steps:.1f} / {1e3 * t['verify'] / steps:.1f} / {1e3 * t['other'] / steps:.1f}"
                  if m["target_forwards"] else "–")
         fmt = (lambda v, f: "–" if v is None else format(v, f))
-        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['per_user_tokens_per_s']:.1f} | "
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['decode_tokens_per_s']:.1f} | "
+                     f"{m['per_user_tokens_per_s']:.1f} | "
                      f"{m['speedup_vs_plain']:.2f}× | {fmt(m['tau'], '.2f')} | {fmt(m['acceptance_rate'], '.2f')} | "
                      f"{fmt(m['exact_match_rate'], '.2f')} | {fmt(m['max_divergence_margin'], '.3f')} | {split} |")
     return "\n".join(lines)

@@ -59,6 +59,7 @@ class Stats:
         return {
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / charged,
+            "decode_tokens_per_s": self.tokens / max(charged - self.t_prefill, 1e-9),
             "per_user_tokens_per_s": sum(self.per_user_tps) / max(len(self.per_user_tps), 1),
             "tau": self.tokens / max(self.request_steps, 1),
             "target_forwards": self.forwards,
