@@ -12,6 +12,7 @@ class DSparkError(Exception):
 def guarded(stage: str, run, cfg):
     """Call a stage's `run(cfg)`; on bad input print one line and exit 2 (traceback only with
     HYDRA_FULL_ERROR=1), removing the output folder if the failed run left it empty."""
+    _per_job_output_dir(cfg)
     try:
         return run(cfg)
     except DSparkError as e:
@@ -22,3 +23,18 @@ def guarded(stage: str, run, cfg):
             raise
         print(f"dspark {stage}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _per_job_output_dir(cfg) -> None:
+    """Under `--multirun` each job writes into its own sweep subfolder of output_dir."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import open_dict
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return
+    if hc.mode == RunMode.MULTIRUN:
+        with open_dict(cfg):
+            cfg.output_dir = hc.runtime.output_dir
