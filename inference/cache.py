@@ -87,8 +87,6 @@ class SlotCache(Cache):
 
     def attention_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
         """2D mask over all slots (past + the T about to be appended), as the model expects."""
-        if self.valid.shape[0] != new_valid.shape[0]:
-            return new_valid.long()
         return torch.cat([self.valid, new_valid], dim=1).long()
 
     def select_rows(self, rows: torch.Tensor) -> None:
