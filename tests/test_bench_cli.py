@@ -102,3 +102,14 @@ def test_help_lists_stages():
     assert r.returncode == 0 and all(s in r.stdout for s in ("generate", "train", "bench", "export", "run"))
     r = dspark("bench", "--help")
     assert r.returncode == 0 and "max_new_tokens" in r.stdout
+
+
+def test_multirun_jobs_get_their_own_folders(tmp_path):
+    out = tmp_path / "sweep"
+    r = dspark("bench", "--multirun", "target=tiny", "gamma=1,3", f"output_dir={out}", "prompts.limit=2",
+               "max_new_tokens=8", "methods=[plain,oracle]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = sorted(p.parent.name for p in out.rglob("bench.json"))
+    assert len(found) == 2 and found[0].startswith("gamma=1") and found[1].startswith("gamma=3")
+    taus = [json.loads(p.read_text())["methods"]["oracle"]["tau"] for p in sorted(out.rglob("bench.json"))]
+    assert taus[0] < taus[1]
