@@ -1,0 +1,198 @@
+"""`dspark generate`: the frozen target regenerates answers to prompts (self-distillation).
+
+Flow: prompts from the `data` source → deduplicated, filtered → held-out split by a hash of the
+prompt text (deterministic, recorded in heldout.jsonl, never generated) → each process takes
+prompts[rank::world] → batched decoding on the runtime (length-sorted batches, left padded) →
+chunks of finished rows written with atomic renames (a re-run skips every prompt already in a chunk)
+→ rank 0 merges the chunks into one `datasets` Arrow dataset at `<output_dir>/dataset`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark.inference import Engine
+from dspark.models.errors import DSparkError
+from dspark.models.target import load_target
+
+from .sources import iter_prompts
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    return int(prompt_id(text), 16) % 10_000 < round(fraction * 10_000)
+
+
+def select_prompts(cfg) -> tuple[list[str], list[str], dict]:
+    """(training prompts, held-out prompts, skipped counts), capped at cfg.max_prompts training ones."""
+    d, seen, train, heldout = cfg.data, set(), [], []
+    skipped = {"empty": 0, "duplicate": 0, "too_long_chars": 0, "too_long_tokens": 0}
+    for text in iter_prompts(d):
+        text = text.strip()
+        if not text:
+            skipped["empty"] += 1
+        elif text in seen:
+            skipped["duplicate"] += 1
+        elif len(text) > d.max_chars:
+            skipped["too_long_chars"] += 1
+        else:
+            seen.add(text)
+            (heldout if is_heldout(text, cfg.heldout_fraction) else train).append(text)
+            if cfg.max_prompts and len(train) >= cfg.max_prompts:
+                break
+    if not train:
+        raise DSparkError(f"prompt source '{d.source}' gave no usable prompts: check data.path and the filters")
+    return train, heldout, skipped
+
+
+def settings(cfg, target) -> dict:
+    return {"target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
+            "source": cfg.data.source, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+            "top_p": cfg.top_p, "heldout_fraction": cfg.heldout_fraction, "max_prompts": cfg.max_prompts,
+            "seed": cfg.seed}
+
+
+def run(cfg) -> dict:
+    from accelerate import Accelerator
+
+    out = Path(cfg.output_dir)
+    _check_writable(out)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    target = load_target(cfg.target, device=acc.device)
+    target.encode_chat("probe")   # no chat template → one clear error before any work
+    want = settings(cfg, target)
+    summary_path = out / "generate.json"
+    if summary_path.is_file() and (out / "dataset").is_dir():
+        done = json.loads(summary_path.read_text())
+        if done.get("settings") == want:
+            if acc.is_main_process:
+                print(f"nothing to do: {done['prompts']} prompts already generated in {out / 'dataset'}")
+            return done
+    train, heldout, skipped = select_prompts(cfg)
+    chunks = out / "chunks"
+    if acc.is_main_process:
+        chunks.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "heldout.jsonl", "".join(
+            json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n" for t in heldout))
+    acc.wait_for_everyone()
+    t0 = time.perf_counter()
+    made = _generate_slice(cfg, target, train[acc.process_index::acc.num_processes], chunks, skipped)
+    acc.wait_for_everyone()
+    summary = {}
+    if acc.is_main_process:
+        summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0)
+        print(f"generated {summary['prompts']} prompts, {summary['tokens']} response tokens "
+              f"({summary['tokens_per_s']:.1f} tok/s this run); {len(heldout)} held out; skipped {skipped}")
+    acc.wait_for_everyone()
+    return summary
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DSparkError(f"output folder '{out}' is not writable ({e.strerror}): pass output_dir=<writable folder>") from None
+
+
+def _done_ids(chunks: Path) -> set[str]:
+    ids = set()
+    for f in chunks.glob("chunk-*.jsonl"):
+        ids.update(json.loads(line)["prompt_id"] for line in f.read_text().splitlines() if line)
+    return ids
+
+
+def _generate_slice(cfg, target, texts: list[str], chunks: Path, skipped: dict) -> int:
+    """Generate every prompt of this process's slice not already in a chunk; returns tokens made."""
+    done = _done_ids(chunks)
+    limit = min(cfg.max_prompt_tokens, target.max_context - cfg.max_new_tokens)
+    todo = []
+    for text in texts:
+        if prompt_id(text) in done:
+            continue
+        ids = target.encode_chat(text)
+        if len(ids) > limit:
+            skipped["too_long_tokens"] += 1
+            continue
+        todo.append((text, ids))
+    todo.sort(key=lambda x: len(x[1]))     # length-sorted batches waste little on padding
+    engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
+    buffer, written, made, t0 = [], 0, 0, time.perf_counter()
+    bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=not todo)
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start:start + cfg.batch_size]
+        res = engine.generate([ids for _, ids in batch], cfg.max_new_tokens, seed=cfg.seed + start)
+        for (text, ids), out in zip(batch, res.outputs):
+            buffer.append({"prompt_id": prompt_id(text), "source": cfg.data.source, "prompt_tokens": len(ids),
+                           "input_ids": ids + out, "finish": "eos" if out and out[-1] in target.eos_token_ids else "length"})
+            made += len(out)
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.1f}")
+        if len(buffer) >= cfg.chunk_size or start + cfg.batch_size >= len(todo):
+            _write_atomic(chunks / f"chunk-{buffer[0]['prompt_id']}.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in buffer))
+            buffer, written = [], written + 1
+            if cfg.stop_after_chunks and written >= cfg.stop_after_chunks:
+                bar.close()
+                print(f"stopping after {written} chunk(s) as asked (stop_after_chunks)", file=sys.stderr)
+                sys.exit(75)
+    bar.close()
+    return made
+
+
+def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout: list[str],
+           made: int, seconds: float) -> dict:
+    import datasets
+
+    order = {prompt_id(t): i for i, t in enumerate(train)}
+    rows = {}
+    for f in sorted((out / "chunks").glob("chunk-*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if r["prompt_id"] in order:
+                rows[r["prompt_id"]] = r
+    ordered = sorted(rows.values(), key=lambda r: order[r["prompt_id"]])
+    if not ordered:
+        raise DSparkError("every prompt was skipped (too long?): raise max_prompt_tokens or check the source")
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [r["input_ids"] for r in ordered],
+        "loss_mask": [[0] * r["prompt_tokens"] + [1] * (len(r["input_ids"]) - r["prompt_tokens"]) for r in ordered],
+        "prompt_id": [r["prompt_id"] for r in ordered],
+        "source": [r["source"] for r in ordered],
+    })
+    ds.info.description = json.dumps(want)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".dataset-"))
+    try:
+        ds.save_to_disk(str(tmp))
+        if (out / "dataset").exists():
+            shutil.rmtree(out / "dataset")
+        os.replace(tmp, out / "dataset")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tokens = sum(len(r["input_ids"]) - r["prompt_tokens"] for r in ordered)
+    summary = {"prompts": len(ordered), "heldout": len(heldout), "tokens": tokens,
+               "tokens_per_s": made / max(seconds, 1e-9), "seconds": seconds, "skipped": skipped,
+               "finished_by_eos": sum(r["finish"] == "eos" for r in ordered), "settings": want,
+               "dataset": str(out / "dataset"), "heldout_file": str(out / "heldout.jsonl")}
+    _write_atomic(out / "generate.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

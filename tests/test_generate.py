@@ -1,0 +1,136 @@
+"""`dspark generate` on the tiny target: sources, split, exactness, resume, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from conftest import REPO
+from dspark.data.generate import is_heldout, run, select_prompts
+from dspark.models.errors import DSparkError
+
+
+def cfg_for(tmp_path, *overrides):
+    with initialize_config_module("dspark.conf", version_base="1.3"):
+        return compose("generate", overrides=["target=tiny", f"output_dir={tmp_path}", "max_new_tokens=24",
+                                              "batch_size=3", "chunk_size=3", *overrides])
+
+
+def jsonl(tmp_path, rows, name="p.jsonl"):
+    f = tmp_path / name
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+PROMPTS = [{"prompt": f"question number {i}: " + "why? " * (i % 5)} for i in range(12)]
+
+
+def test_sharegpt_and_jsonl_sources(tmp_path):
+    train, held, skipped = select_prompts(cfg_for(tmp_path / "o", "max_prompts=30"))
+    assert len(train) == 30 and all(t.strip() for t in train) and len(set(train)) == 30
+    f = jsonl(tmp_path, [{"prompt": "a"}, {"prompt": "a"}, {"turns": ["b"]}, {"prompt": " "},
+                         {"messages": [{"role": "user", "content": "c"}]}])
+    train, held, skipped = select_prompts(cfg_for(tmp_path / "o", "data=jsonl", f"data.path={f}",
+                                                  "heldout_fraction=0"))
+    assert train == ["a", "b", "c"] and skipped["duplicate"] == 1 and skipped["empty"] == 1
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    texts = [f"prompt {i}" for i in range(2000)]
+    held = [t for t in texts if is_heldout(t, 0.1)]
+    assert held == [t for t in texts if is_heldout(t, 0.1)]
+    assert 120 < len(held) < 280
+    f = jsonl(tmp_path, [{"prompt": t} for t in texts[:200]])
+    train, heldout, _ = select_prompts(cfg_for(tmp_path / "o", "data=jsonl", f"data.path={f}",
+                                               "heldout_fraction=0.1", "max_prompts=null"))
+    assert not set(train) & set(heldout) and len(train) + len(heldout) == 200
+
+
+def test_generated_tokens_are_the_targets_greedy_continuation(tmp_path, tiny_target):
+    import datasets
+
+    f = jsonl(tmp_path, PROMPTS)
+    out = tmp_path / "g"
+    summary = run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0"))
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert summary["prompts"] == len(ds) == 12
+    for row, src in zip(ds, PROMPTS):
+        prompt = tiny_target.encode_chat(src["prompt"].strip())   # sources strip whitespace
+        assert row["input_ids"][:len(prompt)] == prompt
+        assert row["loss_mask"] == [0] * len(prompt) + [1] * (len(row["input_ids"]) - len(prompt))
+        ids = torch.tensor([prompt])
+        ref = tiny_target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                         do_sample=False, eos_token_id=tiny_target.eos_token_ids, pad_token_id=0)
+        assert row["input_ids"][len(prompt):] == ref[0, len(prompt):].tolist()   # batched == one by one
+    again = run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0"))
+    assert again == summary   # finished job: nothing to do
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    import datasets
+
+    f = jsonl(tmp_path, PROMPTS)
+    args = ["data=jsonl", f"data.path={f}", "heldout_fraction=0"]
+    run(cfg_for(tmp_path / "whole", *args))
+    with pytest.raises(SystemExit):
+        run(cfg_for(tmp_path / "cut", *args, "stop_after_chunks=2"))
+    assert not (tmp_path / "cut" / "dataset").exists() and len(list((tmp_path / "cut" / "chunks").iterdir())) == 2
+    run(cfg_for(tmp_path / "cut", *args))
+    a = datasets.load_from_disk(str(tmp_path / "whole" / "dataset")).to_dict()
+    b = datasets.load_from_disk(str(tmp_path / "cut" / "dataset")).to_dict()
+    assert a == b and len(a["prompt_id"]) == len(set(a["prompt_id"])) == 12
+
+
+def test_bad_input(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{oops\n')
+    with pytest.raises(DSparkError, match=r"bad.jsonl:2"):
+        run(cfg_for(tmp_path / "o1", "data=jsonl", f"data.path={bad}"))
+    nofield = jsonl(tmp_path, [{"text": "x"}], "nofield.jsonl")
+    with pytest.raises(DSparkError, match="no 'prompt'"):
+        run(cfg_for(tmp_path / "o2", "data=jsonl", f"data.path={nofield}"))
+    empty = jsonl(tmp_path, [], "empty.jsonl")
+    with pytest.raises(DSparkError, match="no usable prompts"):
+        run(cfg_for(tmp_path / "o3", "data=jsonl", f"data.path={empty}"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(DSparkError, match="not writable"):
+        run(cfg_for(afile / "sub", "data=jsonl", f"data.path={empty}"))
+
+
+def test_tokenizer_without_chat_template(tmp_path, tiny_target):
+    folder = tmp_path / "nochat"
+    tiny_target.model.save_pretrained(folder)
+    tok = tiny_target.tokenizer
+    saved, tok.chat_template = tok.chat_template, None
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        tok.chat_template = saved
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    f = jsonl(tmp_path, PROMPTS)
+    with pytest.raises(DSparkError, match="chat template"):
+        run(cfg_for(tmp_path / "o", "data=jsonl", f"data.path={f}", f"target.name_or_path={folder}"))
+    assert not (tmp_path / "o" / "generate.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_set(tmp_path):
+    f = jsonl(tmp_path, PROMPTS)
+    common = ["target=tiny", "data=jsonl", f"data.path={f}", "heldout_fraction=0", "max_new_tokens=16"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    one = subprocess.run([sys.executable, "-m", "dspark.generate", *common, f"output_dir={tmp_path / 'one'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "-m", "dspark.generate", *common, f"output_dir={tmp_path / 'two'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    import datasets
+
+    a = datasets.load_from_disk(str(tmp_path / "one" / "dataset")).to_dict()
+    b = datasets.load_from_disk(str(tmp_path / "two" / "dataset")).to_dict()
+    assert a == b
