@@ -61,7 +61,8 @@ def settings(cfg, target) -> dict:
     return {"target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
             "source": cfg.data.source, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "top_p": cfg.top_p, "heldout_fraction": cfg.heldout_fraction, "max_prompts": cfg.max_prompts,
-            "seed": cfg.seed}
+            "seed": cfg.seed, "cache_features": bool(cfg.cache_features),
+            "feature_layers": list(cfg.feature_layers) if cfg.cache_features else None}
 
 
 def run(cfg) -> dict:
@@ -72,6 +73,10 @@ def run(cfg) -> dict:
     acc = Accelerator(cpu=not torch.cuda.is_available())
     target = load_target(cfg.target, device=acc.device)
     target.encode_chat("probe")   # no chat template → one clear error before any work
+    if cfg.cache_features:
+        from .features import check_layers
+
+        check_layers(target, cfg.feature_layers)
     want = settings(cfg, target)
     summary_path = out / "generate.json"
     if summary_path.is_file() and (out / "dataset").is_dir():
@@ -90,6 +95,11 @@ def run(cfg) -> dict:
     t0 = time.perf_counter()
     made = _generate_slice(cfg, target, train[acc.process_index::acc.num_processes], chunks, skipped)
     acc.wait_for_everyone()
+    if cfg.cache_features:
+        from .features import cache_features
+
+        cache_features(target, cfg.feature_layers, chunks, out / "features", acc.process_index, acc.num_processes)
+        acc.wait_for_everyone()
     summary = {}
     if acc.is_main_process:
         summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0)
@@ -188,6 +198,10 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
                "tokens_per_s": made / max(seconds, 1e-9), "seconds": seconds, "skipped": skipped,
                "finished_by_eos": sum(r["finish"] == "eos" for r in ordered), "settings": want,
                "dataset": str(out / "dataset"), "heldout_file": str(out / "heldout.jsonl")}
+    if cfg.cache_features:
+        files = list((out / "features").glob("*.safetensors"))
+        summary["features"] = {"dir": str(out / "features"), "files": len(files),
+                               "bytes": sum(f.stat().st_size for f in files), "layers": list(cfg.feature_layers)}
     _write_atomic(out / "generate.json", json.dumps(summary, indent=2))
     return summary
 

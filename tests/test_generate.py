@@ -134,3 +134,31 @@ def test_two_processes_give_the_same_set(tmp_path):
     a = datasets.load_from_disk(str(tmp_path / "one" / "dataset")).to_dict()
     b = datasets.load_from_disk(str(tmp_path / "two" / "dataset")).to_dict()
     assert a == b
+
+
+def test_feature_cache_holds_the_targets_hidden_states(tmp_path, tiny_target):
+    from safetensors.torch import load_file
+
+    f = jsonl(tmp_path, PROMPTS[:4])
+    out = tmp_path / "f"
+    summary = run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0", "cache_features=true",
+                          "feature_layers=[1,3]"))
+    assert summary["features"]["files"] == 2 and summary["features"]["bytes"] > 0
+    rows = [json.loads(line) for c in sorted((out / "chunks").glob("*.jsonl")) for line in c.read_text().splitlines()]
+    tensors = {}
+    for c in (out / "features").glob("*.safetensors"):
+        tensors.update(load_file(str(c)))
+    row = rows[0]
+    with torch.no_grad():
+        res = tiny_target.model(torch.tensor([row["input_ids"]]), output_hidden_states=True)
+    want = torch.cat([res.hidden_states[1][0], res.hidden_states[3][0]], -1)
+    torch.testing.assert_close(tensors[f"{row['prompt_id']}.layers"].float(), want, atol=0.05, rtol=0.02)
+    logits = tiny_target.model.lm_head(tensors[f"{row['prompt_id']}.last"].float())
+    assert (logits.argmax(-1) == res.logits[0].argmax(-1)).float().mean() > 0.9   # bf16 storage
+
+
+def test_feature_layer_out_of_range(tmp_path):
+    f = jsonl(tmp_path, PROMPTS[:2])
+    with pytest.raises(DSparkError, match="out of range"):
+        run(cfg_for(tmp_path / "o", "data=jsonl", f"data.path={f}", "cache_features=true", "feature_layers=[9]"))
+    assert not (tmp_path / "o" / "chunks").exists()
