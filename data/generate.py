@@ -87,14 +87,21 @@ def run(cfg) -> dict:
             return done
     train, heldout, skipped = select_prompts(cfg)
     chunks = out / "chunks"
+    _check_chunk_settings(chunks, want)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         chunks.mkdir(parents=True, exist_ok=True)
+        _write_atomic(chunks / "settings.json", json.dumps(_row_settings(want), indent=2))
         _write_atomic(out / "heldout.jsonl", "".join(
             json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n" for t in heldout))
     acc.wait_for_everyone()
     t0 = time.perf_counter()
-    made = _generate_slice(cfg, target, train[acc.process_index::acc.num_processes], chunks, skipped)
+    made = _generate_slice(cfg, target, train[acc.process_index::acc.num_processes], chunks)
     acc.wait_for_everyone()
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        made = sum(gather_object([made]))   # response tokens made by every process this run
     if cfg.cache_features:
         from .features import cache_features
 
@@ -109,10 +116,26 @@ def run(cfg) -> dict:
     return summary
 
 
+def _row_settings(want: dict) -> dict:
+    """The settings a generated row depends on (not the prompt selection: max_prompts, heldout_fraction)."""
+    return {k: v for k, v in want.items() if k not in ("max_prompts", "heldout_fraction", "cache_features",
+                                                       "feature_layers")}
+
+
+def _check_chunk_settings(chunks: Path, want: dict) -> None:
+    """Chunks made with other generation settings must not be mixed into this run's dataset."""
+    f = chunks / "settings.json"
+    if f.is_file() and json.loads(f.read_text()) != _row_settings(want):
+        old = json.loads(f.read_text())
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _row_settings(want).items() if old.get(k) != v)
+        raise DSparkError(f"'{chunks.parent}' holds chunks generated with other settings ({diff}): "
+                          "pass a new output_dir= or delete that folder")
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
+        probe = out / f".write-probe-{os.getpid()}"   # one per process: ranks probe at the same time
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -126,7 +149,7 @@ def _done_ids(chunks: Path) -> set[str]:
     return ids
 
 
-def _generate_slice(cfg, target, texts: list[str], chunks: Path, skipped: dict) -> int:
+def _generate_slice(cfg, target, texts: list[str], chunks: Path) -> int:
     """Generate every prompt of this process's slice not already in a chunk; returns tokens made."""
     done = _done_ids(chunks)
     limit = min(cfg.max_prompt_tokens, target.max_context - cfg.max_new_tokens)
@@ -136,8 +159,7 @@ def _generate_slice(cfg, target, texts: list[str], chunks: Path, skipped: dict) 
             continue
         ids = target.encode_chat(text)
         if len(ids) > limit:
-            skipped["too_long_tokens"] += 1
-            continue
+            continue   # counted at the merge: a training prompt without a row was too long
         todo.append((text, ids))
     todo.sort(key=lambda x: len(x[1]))     # length-sorted batches waste little on padding
     engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
@@ -176,8 +198,13 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
             if r["prompt_id"] in order:
                 rows[r["prompt_id"]] = r
     ordered = sorted(rows.values(), key=lambda r: order[r["prompt_id"]])
+    skipped["too_long_tokens"] = len(train) - len(ordered)
     if not ordered:
-        raise DSparkError("every prompt was skipped (too long?): raise max_prompt_tokens or check the source")
+        if not (out / "generate.json").exists():   # a fresh run leaves nothing behind
+            shutil.rmtree(out / "chunks", ignore_errors=True)
+            (out / "heldout.jsonl").unlink(missing_ok=True)
+        raise DSparkError(f"all {len(train)} prompts are longer than max_prompt_tokens={cfg.max_prompt_tokens} "
+                          "tokens: raise it or check the source")
     ds = datasets.Dataset.from_dict({
         "input_ids": [r["input_ids"] for r in ordered],
         "loss_mask": [[0] * r["prompt_tokens"] + [1] * (len(r["input_ids"]) - r["prompt_tokens"]) for r in ordered],
@@ -185,9 +212,12 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
         "source": [r["source"] for r in ordered],
     })
     ds.info.description = json.dumps(want)
+    for stale in out.glob(".dataset-*"):      # left by a merge that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".dataset-"))
     try:
         ds.save_to_disk(str(tmp))
+        tmp.chmod(0o755)                        # mkdtemp makes it private
         if (out / "dataset").exists():
             shutil.rmtree(out / "dataset")
         os.replace(tmp, out / "dataset")

@@ -90,7 +90,10 @@ def iter_prompts(cfg) -> Iterator[str]:
         import datasets
 
         try:
-            ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
+            files = cfg.get("data_files")
+            ds = datasets.load_dataset(cfg.dataset, split=cfg.split,
+                                       **({"data_files": str(files) if isinstance(files, str) else list(files)}
+                                          if files else {}))
         except Exception as e:  # noqa: BLE001 - datasets raises many types for a missing/offline id
             raise DSparkError(f"cannot load dataset '{cfg.dataset}' split '{cfg.split}': {str(e).splitlines()[0]}") from None
         if cfg.column not in ds.column_names:

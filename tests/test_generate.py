@@ -77,7 +77,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     run(cfg_for(tmp_path / "whole", *args))
     with pytest.raises(SystemExit):
         run(cfg_for(tmp_path / "cut", *args, "stop_after_chunks=2"))
-    assert not (tmp_path / "cut" / "dataset").exists() and len(list((tmp_path / "cut" / "chunks").iterdir())) == 2
+    assert not (tmp_path / "cut" / "dataset").exists() and len(list((tmp_path / "cut" / "chunks").glob("chunk-*.jsonl"))) == 2
     run(cfg_for(tmp_path / "cut", *args))
     a = datasets.load_from_disk(str(tmp_path / "whole" / "dataset")).to_dict()
     b = datasets.load_from_disk(str(tmp_path / "cut" / "dataset")).to_dict()
@@ -129,6 +129,7 @@ def test_two_processes_give_the_same_set(tmp_path):
                           "-m", "dspark.generate", *common, f"output_dir={tmp_path / 'two'}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
+    assert len(list((tmp_path / "two" / "chunks").glob("chunk-*.jsonl"))) == 2   # each rank wrote its slice
     import datasets
 
     a = datasets.load_from_disk(str(tmp_path / "one" / "dataset")).to_dict()
@@ -162,3 +163,30 @@ def test_feature_layer_out_of_range(tmp_path):
     with pytest.raises(DSparkError, match="out of range"):
         run(cfg_for(tmp_path / "o", "data=jsonl", f"data.path={f}", "cache_features=true", "feature_layers=[9]"))
     assert not (tmp_path / "o" / "chunks").exists()
+
+
+def test_hf_source_from_local_files_and_missing_column(tmp_path):
+    f = jsonl(tmp_path, [{"question": "first?"}, {"question": "second?"}])
+    args = ["data=hf", "data.dataset=json", f"data.data_files={f}", "heldout_fraction=0"]
+    train, _, _ = select_prompts(cfg_for(tmp_path / "o", *args, "data.column=question"))
+    assert train == ["first?", "second?"]
+    with pytest.raises(DSparkError, match="no column 'prompt'"):
+        select_prompts(cfg_for(tmp_path / "o", *args))
+
+
+def test_chunks_from_other_settings_are_refused(tmp_path):
+    f = jsonl(tmp_path, PROMPTS[:6])
+    args = ["data=jsonl", f"data.path={f}", "heldout_fraction=0", "max_new_tokens=4"]
+    with pytest.raises(SystemExit):
+        run(cfg_for(tmp_path / "o", *args, "stop_after_chunks=1"))
+    with pytest.raises(DSparkError, match="max_new_tokens: 4 -> 5"):
+        run(cfg_for(tmp_path / "o", *args, "max_new_tokens=5"))
+    assert run(cfg_for(tmp_path / "o", *args, "max_prompts=3"))["prompts"] == 3   # selection may change
+
+
+def test_all_prompts_too_long_leaves_nothing(tmp_path):
+    f = jsonl(tmp_path, PROMPTS[:3])
+    out = tmp_path / "o"
+    with pytest.raises(DSparkError, match="longer than max_prompt_tokens=2"):
+        run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0", "max_prompt_tokens=2"))
+    assert not (out / "chunks").exists() and not (out / "heldout.jsonl").exists()
