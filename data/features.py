@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from dspark.models.dspark import default_layer_ids
 from dspark.models.errors import DSparkError
 
 
@@ -28,6 +29,9 @@ def row_features(target, input_ids: list[int], layers) -> tuple[torch.Tensor, to
 
 
 def check_layers(target, layers) -> list[int]:
+    """The validated layer ids; None means the draft heads' default (`default_layer_ids`)."""
+    if layers is None:
+        return default_layer_ids(target.num_layers)
     layers = [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i <= target.num_layers]
     if bad or not layers:

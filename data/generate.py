@@ -24,6 +24,7 @@ from dspark.inference import Engine
 from dspark.models.errors import DSparkError
 from dspark.models.target import load_target
 
+from .features import check_layers
 from .sources import iter_prompts
 
 
@@ -62,7 +63,7 @@ def settings(cfg, target) -> dict:
             "source": cfg.data.source, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "top_p": cfg.top_p, "heldout_fraction": cfg.heldout_fraction, "max_prompts": cfg.max_prompts,
             "seed": cfg.seed, "cache_features": bool(cfg.cache_features),
-            "feature_layers": list(cfg.feature_layers) if cfg.cache_features else None}
+            "feature_layers": check_layers(target, cfg.feature_layers) if cfg.cache_features else None}
 
 
 def run(cfg) -> dict:
@@ -74,8 +75,6 @@ def run(cfg) -> dict:
     target = load_target(cfg.target, device=acc.device)
     target.encode_chat("probe")   # no chat template → one clear error before any work
     if cfg.cache_features:
-        from .features import check_layers
-
         check_layers(target, cfg.feature_layers)
     want = settings(cfg, target)
     summary_path = out / "generate.json"
@@ -231,7 +230,7 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
     if cfg.cache_features:
         files = list((out / "features").glob("*.safetensors"))
         summary["features"] = {"dir": str(out / "features"), "files": len(files),
-                               "bytes": sum(f.stat().st_size for f in files), "layers": list(cfg.feature_layers)}
+                               "bytes": sum(f.stat().st_size for f in files), "layers": check_layers(target, cfg.feature_layers)}
     _write_atomic(out / "generate.json", json.dumps(summary, indent=2))
     return summary
 

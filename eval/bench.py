@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats
+from dspark.inference import DSparkDrafter, Engine, OracleDrafter, PromptLookupDrafter, Stats
+from dspark.models.dspark import DSparkDraft
 from dspark.models.errors import DSparkError
 from dspark.models.target import load_target
 
@@ -34,13 +35,13 @@ def run(cfg) -> dict:
     target = load_target(cfg.target)
     texts = load_prompts(cfg.prompts)
     prompts = [target.encode_chat(t) for t in texts]
-    bench = Bench(target, prompts, cfg)
+    bench = Bench(target, prompts, cfg, trained_heads(cfg))
     bench.warm_up()
     methods = {}
     reference = bench.plain_reference()
     for r in cfg.concurrency:
         plain = reference if r == 1 else bench.measure("plain", r)
-        for name in ["plain"] + [m for m in cfg.methods if m != "plain"]:
+        for name in ["plain"] + [m for m in cfg.methods if m != "plain"] + list(bench.heads):
             if name.startswith("hf_") and r != 1:
                 continue   # Hugging Face assisted generation serves one request at a time
             stats, outputs = (plain if name == "plain" else bench.measure(name, r))
@@ -66,9 +67,22 @@ def run(cfg) -> dict:
     return {"best_speedup": best}
 
 
+def trained_heads(cfg) -> dict[str, DSparkDraft]:
+    """Method name → head: `head` (default <output_dir>/head, used when present) and every folder in
+    `extra_heads` (must exist). Named by kind (dspark / dflash), plus the folder name on a clash."""
+    folders = ([cfg.head] if cfg.head and (Path(cfg.head) / "config.json").is_file() else []) + list(cfg.extra_heads)
+    heads = {}
+    for folder in folders:
+        head = DSparkDraft.from_pretrained(folder)
+        name = head.config.kind
+        heads[name if name not in heads else f"{name}:{Path(folder).name}"] = head
+    return heads
+
+
 class Bench:
-    def __init__(self, target, prompts: list[list[int]], cfg):
+    def __init__(self, target, prompts: list[list[int]], cfg, heads: dict | None = None):
         self.target, self.prompts, self.cfg = target, prompts, cfg
+        self.heads = heads or {}
         self.streams: dict[int, list[int]] = {}
         self.margins: list[list[float]] = []
 
@@ -79,6 +93,8 @@ class Bench:
             drafter = OracleDrafter(self.target, streams=self.streams)
         elif name == "prompt_lookup":
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
+        elif name in self.heads:
+            drafter = DSparkDrafter(self.heads[name], self.target, temperature=c.temperature, seed=c.seed)
         return Engine(self.target, drafter, gamma=c.gamma, temperature=c.temperature, top_p=c.top_p,
                       record_margins=record)
 

@@ -1,7 +1,8 @@
 """The inference runtime: batched lossless speculative decoding over a frozen target."""
 from .drafters import Drafter, OracleDrafter, PromptLookupDrafter, Proposal, RandomDrafter, RequestState
+from .dspark_drafter import DSparkDrafter
 from .engine import Engine, Result, Stats
 from .policy import VerifyAll
 
-__all__ = ["Drafter", "Engine", "OracleDrafter", "PromptLookupDrafter", "Proposal", "RandomDrafter",
+__all__ = ["DSparkDrafter", "Drafter", "Engine", "OracleDrafter", "PromptLookupDrafter", "Proposal", "RandomDrafter",
            "RequestState", "Result", "Stats", "VerifyAll"]

@@ -13,6 +13,9 @@ def guarded(stage: str, run, cfg):
     """Call a stage's `run(cfg)`; on bad input print one line and exit 2 (traceback only with
     HYDRA_FULL_ERROR=1), removing the output folder if the failed run left it empty."""
     _per_job_output_dir(cfg)
+    import torch
+
+    torch.set_flush_denormal(True)   # denormal floats slow fp32 CPU kernels by an order of magnitude
     try:
         return run(cfg)
     except DSparkError as e:
@@ -26,7 +29,8 @@ def guarded(stage: str, run, cfg):
 
 
 def _per_job_output_dir(cfg) -> None:
-    """Under `--multirun` each job writes into its own sweep subfolder of output_dir."""
+    """Under `--multirun` each job writes into its own sweep subfolder of output_dir (its inputs,
+    resolved first, still come from output_dir itself)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -36,5 +40,8 @@ def _per_job_output_dir(cfg) -> None:
     except (ImportError, ValueError):
         return
     if hc.mode == RunMode.MULTIRUN:
+        from omegaconf import OmegaConf
+
+        OmegaConf.resolve(cfg)   # inputs such as ${output_dir}/dataset keep pointing at the sweep root
         with open_dict(cfg):
             cfg.output_dir = hc.runtime.output_dir

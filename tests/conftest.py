@@ -2,10 +2,13 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+torch.set_flush_denormal(True)   # as the dspark CLI does (models/errors.py guarded)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,3 +32,22 @@ def tiny_prompts(tiny_target):
     texts = ["hi", "Write a function that adds two numbers, then explain it.",
              "def fib(n):\n    # return the n-th Fibonacci number\n"]
     return [tiny_target.encode_chat(t) for t in texts]
+
+
+def tiny_head(target, sequential_head="markov", draft_vocab=None, seed=0, **over):
+    """A randomly initialised draft head for the tiny target (optionally with a reduced vocabulary)."""
+    import torch
+
+    from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
+
+    torch.manual_seed(seed)
+    d2t = None if draft_vocab is None else torch.randperm(target.vocab_size)[:draft_vocab].sort().values
+    cfg = DSparkConfig(target=target.name, target_hidden_size=target.hidden_size,
+                       target_vocab_size=target.vocab_size, target_num_layers=target.num_layers,
+                       target_layer_ids=default_layer_ids(target.num_layers), num_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=5,
+                       sequential_head=sequential_head, head_rank=8, draft_vocab_size=draft_vocab or 0, **over)
+    head = DSparkDraft(cfg, d2t)
+    if sequential_head != "none":   # make the sequential head matter in tests
+        torch.nn.init.normal_(head.chunk_head.up_proj.weight, std=0.5)
+    return head.attach(target)

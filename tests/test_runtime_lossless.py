@@ -3,7 +3,8 @@ after rollbacks gives the same logits as a fresh forward over the accepted seque
 import pytest
 import torch
 
-from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, RandomDrafter
+from conftest import tiny_head
+from dspark.inference import DSparkDrafter, Engine, OracleDrafter, PromptLookupDrafter, RandomDrafter
 
 MAX_NEW = [37, 20, 29]   # different finish times
 
@@ -28,7 +29,10 @@ def test_plain_engine_matches_hf_greedy(tiny_target, tiny_prompts, plain):
 
 def drafters(target, gamma):
     return {"oracle": OracleDrafter(target), "prompt_lookup": PromptLookupDrafter(),
-            "random": RandomDrafter(target.vocab_size, gamma, seed=gamma)}
+            "random": RandomDrafter(target.vocab_size, gamma, seed=gamma),
+            "dspark_markov": DSparkDrafter(tiny_head(target, "markov", draft_vocab=200), target),
+            "dspark_rnn": DSparkDrafter(tiny_head(target, "rnn"), target),
+            "dflash": DSparkDrafter(tiny_head(target, "none"), target)}
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 7])

@@ -4,9 +4,11 @@ Tolerance: the statistic must stay below the chi-square critical value at signif
 (Wilson–Hilferty approximation), after merging bins whose expected count is below 5."""
 import math
 
+import pytest
 import torch
 
-from dspark.inference import Engine, RandomDrafter
+from conftest import tiny_head
+from dspark.inference import DSparkDrafter, Engine, RandomDrafter
 from dspark.inference.verify import target_probs, verify_sampled
 
 
@@ -65,7 +67,8 @@ def test_top_p_keeps_the_nucleus():
     torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
 
 
-def test_engine_sampling_matches_target_distribution(tiny_target, tiny_prompts):
+@pytest.mark.parametrize("kind", ["random", "dspark"])
+def test_engine_sampling_matches_target_distribution(tiny_target, tiny_prompts, kind):
     """End to end on the tiny target: the first two sampled tokens of many requests follow the target's
     exact distribution (marginal of the second computed by enumerating the first)."""
     prompt, temp, top_p = tiny_prompts[1], 1.3, 0.95
@@ -78,7 +81,8 @@ def test_engine_sampling_matches_target_distribution(tiny_target, tiny_prompts):
         p2 = (p1[support, None] * p2_given).sum(0)
     first = torch.zeros(tiny_target.vocab_size)
     second = torch.zeros(tiny_target.vocab_size)
-    drafter = RandomDrafter(tiny_target.vocab_size, 3, seed=5, sharpness=1.0)
+    drafter = (RandomDrafter(tiny_target.vocab_size, 3, seed=5, sharpness=1.0) if kind == "random" else
+               DSparkDrafter(tiny_head(tiny_target, "markov", draft_vocab=200), tiny_target, temperature=temp))
     engine = Engine(tiny_target, drafter, gamma=3, temperature=temp, top_p=top_p)
     for seed in range(8):
         res = engine.generate([prompt] * 250, 2, seed=seed, eos_token_ids=[])

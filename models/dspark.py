@@ -1,0 +1,373 @@
+"""DSpark draft head: parallel backbone + sequential chunk head + confidence head.
+
+Paper: "DSpark: Confidence-Scheduled Speculative Decoding with Semi-Autoregressive Generation"
+(DeepSeek-AI and Peking University, arXiv 2607.05147). DFlash is the same backbone without the
+sequential head (`sequential_head: none`).
+
+Block convention. The anchor x_n (the last token the target produced, at position n) and γ−1 mask
+embeddings at positions n+1 … n+γ−1 run through the backbone in one pass; the output at block index
+i predicts x_{n+1+i}, so one block drafts γ tokens. Keys/values of every layer are the projected
+target features at positions < n (the context) followed by the block's own states; the block
+attends to itself bidirectionally. The target's embedding and LM head are shared and frozen: they
+are attached at run time (`attach`) and never saved. An optional reduced draft vocabulary (`d2t`,
+draft id → target id, saved with the head) cuts the LM-head cost; a target token outside it can
+never be drafted, so verification counts it as a rejection.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import DSparkError
+
+SEQUENTIAL_HEADS = ("markov", "rnn", "none")
+
+
+@dataclass
+class DSparkConfig:
+    target: str = ""                      # name of the target this head belongs to
+    target_hidden_size: int = 576
+    target_vocab_size: int = 49152
+    target_num_layers: int = 30
+    target_layer_ids: list = field(default_factory=lambda: [2, 8, 15, 22, 29])   # hidden_states indices
+    num_layers: int = 2
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    intermediate_size: int = 1536
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    gamma: int = 7                        # drafted tokens per block (anchor + γ−1 masks)
+    sequential_head: str = "markov"       # markov | rnn | none (= DFlash)
+    head_rank: int = 64                   # Markov rank r / RNN state width
+    draft_vocab_size: int = 0             # 0 = the target's whole vocabulary
+    model_type: str = "dspark"
+
+    def __post_init__(self):
+        if self.sequential_head not in SEQUENTIAL_HEADS:
+            raise DSparkError(f"sequential_head '{self.sequential_head}' is unknown: choose from {SEQUENTIAL_HEADS}")
+        if self.target_hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise DSparkError(f"draft heads {self.num_attention_heads}/{self.num_key_value_heads} do not divide "
+                              f"hidden size {self.target_hidden_size}: pick compatible head counts")
+        self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        self.draft_vocab_size = int(self.draft_vocab_size or self.target_vocab_size)
+
+    @property
+    def kind(self) -> str:
+        return "dflash" if self.sequential_head == "none" else "dspark"
+
+    @property
+    def head_dim(self) -> int:
+        return self.target_hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DSparkConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"architectures"})
+        if unknown:
+            raise DSparkError(f"draft config has unknown keys {unknown}: is this a DSpark head folder?")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half layout). x: (B, N, h, d); pos: (B, N)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.float()[..., None] * inv                               # (B, N, d/2)
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, :, None], torch.cat([ang, ang], -1).sin()[:, :, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Block queries over [context keys ; block keys]; grouped-query, Llama weight names."""
+
+    def __init__(self, c: DSparkConfig):
+        super().__init__()
+        d, h, kv, hd = c.target_hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.h, self.kv, self.hd, self.theta = h, kv, hd, c.rope_theta
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+
+    def kv_of(self, x, pos):
+        """Keys (rotated) and values of states x (B, N, D) at positions pos (B, N) → 2 × (B, N, kv, hd)."""
+        b, n, _ = x.shape
+        k = rope(self.k_proj(x).view(b, n, self.kv, self.hd), pos, self.theta)
+        return k, self.v_proj(x).view(b, n, self.kv, self.hd)
+
+    def forward(self, x, pos, ctx_kv, mask):
+        """x: (B, Q, D) block states; ctx_kv: keys/values (B, C, kv, hd) of the context;
+        mask: (B, Q, C + Q) bool, True = may attend."""
+        b, q, _ = x.shape
+        qs = rope(self.q_proj(x).view(b, q, self.h, self.hd), pos, self.theta)
+        kb, vb = self.kv_of(x, pos)
+        k = torch.cat([ctx_kv[0], kb], 1).transpose(1, 2)              # (B, kv, C+Q, hd)
+        v = torch.cat([ctx_kv[1], vb], 1).transpose(1, 2)
+        rep = self.h // self.kv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        out = F.scaled_dot_product_attention(qs.transpose(1, 2), k, v, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DSparkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.target_hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.target_hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.target_hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DSparkConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.target_hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.target_hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, pos, ctx_kv, mask):
+        x = x + self.self_attn(self.input_layernorm(x), pos, ctx_kv, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MarkovHead(nn.Module):
+    """bias_k = W2ᵀ·W1[x_{k−1}]: a rank-r bigram correction of the base logits."""
+
+    def __init__(self, c: DSparkConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(c.head_rank, c.draft_vocab_size, bias=False)   # W2
+        nn.init.zeros_(self.up_proj.weight)
+
+    def forward(self, h, prev, state=None):
+        return self.up_proj(prev), None
+
+
+class RNNHead(nn.Module):
+    """A gated recurrent state over the block's tokens and backbone states produces the bias."""
+
+    def __init__(self, c: DSparkConfig):
+        super().__init__()
+        r = c.head_rank
+        self.in_proj = nn.Linear(c.target_hidden_size + r, 2 * r)
+        self.up_proj = nn.Linear(r, c.draft_vocab_size, bias=False)
+        nn.init.zeros_(self.up_proj.weight)
+
+    def forward(self, h, prev, state=None):
+        z, u = self.in_proj(torch.cat([h, prev], -1)).chunk(2, -1)
+        z = torch.sigmoid(z)
+        state = (1 - z) * torch.tanh(u) if state is None else z * state + (1 - z) * torch.tanh(u)
+        return self.up_proj(state), state
+
+
+class DSparkDraft(nn.Module):
+    """The draft head. Trainable: context projection, backbone, mask embedding, sequential head,
+    confidence head. Shared and frozen (attached, not saved): the target's embedding and LM head."""
+
+    def __init__(self, config: DSparkConfig, d2t: torch.Tensor | None = None):
+        super().__init__()
+        c = self.config = config
+        d, k = c.target_hidden_size, len(c.target_layer_ids)
+        self.context_proj = nn.Linear(k * d, d, bias=False)
+        self.context_norm = RMSNorm(d, c.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(d, c.rms_norm_eps)
+        r = c.head_rank
+        if c.sequential_head != "none":
+            self.token_embed = nn.Embedding(c.draft_vocab_size + 1, r)   # W1; last row: token outside d2t
+            self.chunk_head = MarkovHead(c) if c.sequential_head == "markov" else RNNHead(c)
+        self.confidence = nn.Linear(d + (r if c.sequential_head != "none" else 0), 1)
+        d2t = torch.arange(c.draft_vocab_size) if d2t is None else d2t.long()
+        if d2t.shape != (c.draft_vocab_size,) or int(d2t.max()) >= c.target_vocab_size:
+            raise DSparkError(f"draft vocabulary map has shape {tuple(d2t.shape)} (max id {int(d2t.max())}); "
+                              f"expected ({c.draft_vocab_size},) ids < {c.target_vocab_size}")
+        self.register_buffer("d2t", d2t)
+        t2d = torch.full((c.target_vocab_size,), c.draft_vocab_size, dtype=torch.long)
+        t2d[d2t] = torch.arange(c.draft_vocab_size)
+        self.register_buffer("t2d", t2d, persistent=False)
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)   # (V, D) target's
+        self.register_buffer("lm_weight", torch.empty(0), persistent=False)      # (Vd, D) target's rows
+
+    # ------------------------------------------------------------------ shared target parts
+    def attach(self, target) -> "DSparkDraft":
+        """Share the target's frozen embedding and LM head (rows of the draft vocabulary)."""
+        c, m = self.config, target.model
+        if target.hidden_size != c.target_hidden_size or target.vocab_size != c.target_vocab_size:
+            raise DSparkError(
+                f"draft head was built for hidden size {c.target_hidden_size} / vocab {c.target_vocab_size} "
+                f"(target '{c.target}') but this target has {target.hidden_size} / {target.vocab_size}: "
+                "train a head for this target or pass the matching target")
+        bad = [i for i in c.target_layer_ids if not 0 <= i <= target.num_layers]
+        if bad:
+            raise DSparkError(f"target layer ids {bad} are out of range for a {target.num_layers}-layer target "
+                              f"(hidden_states indices 0..{target.num_layers})")
+        dev = self.mask_embedding.device
+        self.embed_weight = m.get_input_embeddings().weight.detach().to(dev)
+        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(dev, torch.float32)
+        return self
+
+    def init_from_target(self, target) -> None:
+        """Copy the target's top decoder layers into the backbone (same Llama shapes required)."""
+        src = target.model.model.layers[-len(self.layers):]
+        for mine, theirs in zip(self.layers, src):
+            missing = mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()}, strict=False)
+            if missing.missing_keys:
+                raise DSparkError(f"cannot initialise from the target: its layers lack {missing.missing_keys}")
+
+    # ------------------------------------------------------------------ backbone
+    def project_context(self, feats: torch.Tensor) -> torch.Tensor:
+        """(…, k·H) concatenated target hidden states → (…, D) context states."""
+        return self.context_norm(self.context_proj(feats.to(self.context_proj.weight.dtype)))
+
+    def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple]:
+        """Per-layer keys/values of projected context ctx (B, C, D) at positions pos (B, C)."""
+        return [layer.self_attn.kv_of(ctx, pos) for layer in self.layers]
+
+    def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
+        """anchors (…,) target ids → (…, γ, D): anchor embedding then γ−1 mask embeddings."""
+        emb = F.embedding(anchors, self.embed_weight).to(self.mask_embedding.dtype)
+        masks = self.mask_embedding.expand(*anchors.shape, self.config.gamma - 1, -1)
+        return torch.cat([emb[..., None, :], masks], -2)
+
+    def backbone(self, x, pos, ctx_kv, mask) -> torch.Tensor:
+        """x: (B, Q, D) block inputs at positions pos (B, Q) → (B, Q, D) final-normed states."""
+        for layer, kv in zip(self.layers, ctx_kv):
+            x = layer(x, pos, kv, mask)
+        return self.norm(x)
+
+    def packed_blocks(self, feats, input_ids, anchors, ctx_valid) -> torch.Tensor:
+        """Training with anchor packing: a sequence's context is projected once and A blocks run in
+        one pass under a block-sparse mask (block a sees context < n_a and its own γ positions).
+        feats (B, L, k·H), input_ids (B, L), anchors (B, A) positions, ctx_valid (B, L) → (B, A, γ, D)."""
+        b, n_ctx = input_ids.shape
+        a, g = anchors.shape[1], self.config.gamma
+        dev = anchors.device
+        ctx_pos = torch.arange(n_ctx, device=dev).expand(b, -1)
+        kv = self.context_kv(self.project_context(feats), ctx_pos)
+        x = self.block_inputs(input_ids.gather(1, anchors)).reshape(b, a * g, -1)        # (B, A·γ, D)
+        pos = block_positions(anchors, g).reshape(b, a * g)
+        sees_ctx = (ctx_pos[:, None, :] < anchors.repeat_interleave(g, 1)[:, :, None]) & ctx_valid[:, None, :]
+        blk = torch.arange(a, device=dev).repeat_interleave(g)
+        sees_blk = (blk[:, None] == blk[None, :]).expand(b, -1, -1)
+        h = self.backbone(x, pos, kv, torch.cat([sees_ctx, sees_blk], -1))
+        return h.view(b, a, g, -1)
+
+    def forward(self, feats, input_ids, anchors, ctx_valid, prev_ids):
+        """Training pass (teacher forcing): packed blocks, then heads. prev_ids (B, A, γ) target ids of
+        the token before each drafted position (anchor, then labels) → draft logits (B, A, γ, Vd) and
+        confidence logits (B, A, γ)."""
+        return self.teacher_forced(self.packed_blocks(feats, input_ids, anchors, ctx_valid), prev_ids)
+
+    # ------------------------------------------------------------------ heads
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.lm_weight.t().to(h.dtype)                         # (…, Vd)
+
+    def prev_embedding(self, prev_draft_ids: torch.Tensor) -> torch.Tensor | None:
+        return self.token_embed(prev_draft_ids) if self.config.sequential_head != "none" else None
+
+    def head_step(self, h_k, prev_k, state=None):
+        """One block position: (logit bias or 0, confidence logit, new state). h_k: (…, D)."""
+        if prev_k is None:
+            return 0.0, self.confidence(h_k)[..., 0], None
+        bias, state = self.chunk_head(h_k, prev_k, state)
+        return bias, self.confidence(torch.cat([h_k, prev_k], -1))[..., 0], state
+
+    def teacher_forced(self, h: torch.Tensor, prev_target_ids: torch.Tensor):
+        """Training: h (…, γ, D), previous tokens (…, γ) as target ids (anchor, then labels) →
+        logits (…, γ, Vd) and confidence logits (…, γ)."""
+        base = self.base_logits(h)
+        prev = self.prev_embedding(self.t2d[prev_target_ids])
+        logits, conf, state = [], [], None
+        for k in range(h.shape[-2]):
+            bias, c, state = self.head_step(h[..., k, :], None if prev is None else prev[..., k, :], state)
+            logits.append(base[..., k, :] + bias)
+            conf.append(c)
+        return torch.stack(logits, -2), torch.stack(conf, -1)
+
+    @torch.no_grad()
+    def sample_block(self, h: torch.Tensor, anchors: torch.Tensor, temperature: float,
+                     generator: torch.Generator | None = None):
+        """Inference: h (R, γ, D), anchors (R,) target ids → draft ids (R, γ), probs (R, γ, Vd) or
+        None when greedy, confidences (R, γ); sampled left to right through the sequential head."""
+        base = self.base_logits(h)
+        prev_ids, state = self.t2d[anchors], None
+        toks, probs, confs = [], [], []
+        for k in range(h.shape[1]):
+            prev = self.prev_embedding(prev_ids)
+            bias, c, state = self.head_step(h[:, k], prev, state)
+            logits = (base[:, k] + bias).float()
+            if temperature > 0:
+                p = torch.softmax(logits / temperature, -1)
+                tok = torch.multinomial(p.cpu(), 1, generator=generator)[:, 0].to(p.device)
+                probs.append(p)
+            else:
+                tok = logits.argmax(-1)
+            toks.append(tok)
+            confs.append(torch.sigmoid(c.float()))
+            prev_ids = tok
+        return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None, torch.stack(confs, 1)
+
+    # ------------------------------------------------------------------ Hugging Face style I/O
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = {"architectures": ["DSparkDraft"], **asdict(self.config)}
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "DSparkDraft":
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise DSparkError(f"{folder} is not a draft head folder (needs config.json + model.safetensors): "
+                              "run `dspark train` first or pass head=<folder>")
+        try:
+            config = DSparkConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise DSparkError(f"{folder / 'config.json'} is malformed ({e}): re-export the head") from None
+        state = load_file(str(folder / "model.safetensors"))
+        model = cls(config, d2t=state.get("d2t"))
+        try:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                  strict=True)
+        except RuntimeError as e:
+            raise DSparkError(f"{folder / 'model.safetensors'} does not match its config.json: "
+                              f"{str(e).splitlines()[0]}") from None
+        return model
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def default_layer_ids(num_layers: int, k: int = 5) -> list[int]:
+    """k hidden_states indices spread from layer 2 to layer num_layers − 1 (SmolLM2: 2, 8, 15, 22, 29)."""
+    if num_layers < 3:
+        return [1]
+    return sorted({int(2 + i * (num_layers - 3) / max(k - 1, 1)) for i in range(k)})
+
+
+def block_positions(anchor_pos: torch.Tensor, gamma: int) -> torch.Tensor:
+    """(…,) anchor positions → (…, γ) positions of the block."""
+    return anchor_pos[..., None] + torch.arange(gamma, device=anchor_pos.device)

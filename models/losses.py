@@ -1,0 +1,53 @@
+"""DSpark training losses (DESIGN §1), per drafted position k = 1..γ of every block:
+
+    α_ce·CE(label) + α_tv·‖p_d − p_t‖₁ + α_conf·BCE(c_k, c*_k),   c*_k = 1 − ½‖p_d − p_t‖₁,
+
+each weighted by w_k = exp(−(k−1)/γ). With a reduced draft vocabulary the target's mass outside it
+counts fully in the L1 term (the draft can never propose those tokens) and CE skips labels outside it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def position_weights(gamma: int, device=None) -> torch.Tensor:
+    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / gamma)
+
+
+def block_losses(draft_logits, conf_logits, target_logits, labels_draft, valid, d2t, alpha: dict) -> dict:
+    """draft_logits (N, γ, Vd); conf_logits (N, γ); target_logits (N, γ, V) full vocabulary;
+    labels_draft (N, γ) draft ids (Vd = outside the draft vocabulary); valid (N, γ) bool.
+    Returns sums over valid positions (normalise outside, across ranks) and per-position stats."""
+    vd = draft_logits.shape[-1]
+    logp_d = F.log_softmax(draft_logits.float(), -1)
+    p_d = logp_d.exp()
+    p_t_full = F.softmax(target_logits.float(), -1)
+    p_t = p_t_full[..., d2t]
+    l1 = (p_d - p_t).abs().sum(-1) + (1 - p_t.sum(-1)).clamp_min(0)           # (N, γ)
+    accept = (1 - 0.5 * l1).clamp(0, 1).detach()                                # c*
+    in_vocab = labels_draft < vd
+    ce = -logp_d.gather(-1, labels_draft.clamp_max(vd - 1)[..., None])[..., 0] * in_vocab
+    bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
+    w = position_weights(draft_logits.shape[1], draft_logits.device) * valid
+    loss = (alpha["ce"] * ce + alpha["tv"] * l1 + alpha["conf"] * bce) * w
+    greedy = (draft_logits.argmax(-1) == F.pad(p_t, (0, 1), value=-1.0).argmax(-1)) \
+        & (p_t.max(-1).values >= p_t_full.max(-1).values)                        # target argmax inside vocab
+    return {"loss": loss.sum(), "ce": (ce * valid).sum(), "l1": (l1 * valid).sum(), "bce": (bce * valid).sum(),
+            "count": valid.sum(), "accept": accept, "greedy": greedy & valid, "valid": valid,
+            "conf": torch.sigmoid(conf_logits.float()).detach()}
+
+
+def expected_tau(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1 + Σ_j Π_{i≤j} a_i per block, truncated at the first invalid position. (N, γ) → (N,)."""
+    return 1 + torch.cumprod(accept.float() * valid, -1).sum(-1)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    t = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))

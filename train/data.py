@@ -1,0 +1,149 @@
+"""Training data: the self-distilled dataset from `dspark generate`, split, batched, with target features.
+
+Rows hold `input_ids` (prompt + the target's own response) and `loss_mask` (1 on response tokens).
+A validation split is taken by a hash of `prompt_id` (deterministic, disjoint from training).
+Target features come from the optional bf16 cache of `dspark generate cache_features=true` when its
+layers match the head's, otherwise from the frozen target online (no grad, same process).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dspark.models.errors import DSparkError
+
+
+def load_rows(data_dir: str, max_seq_len: int, vocab_size: int) -> list[dict]:
+    import datasets
+
+    path = Path(data_dir)
+    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        raise DSparkError(f"no dataset at {path}: run `dspark generate output_dir=…` first or pass data_dir=<folder>")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:   # datasets raises several types for a damaged folder
+        raise DSparkError(f"{path} is not a readable dataset ({type(e).__name__}: {e}): re-run dspark generate") from None
+    missing = {"input_ids", "loss_mask", "prompt_id"} - set(ds.column_names)
+    if missing:
+        raise DSparkError(f"dataset {path} lacks columns {sorted(missing)}: it was not made by dspark generate")
+    rows = []
+    for r in ds:
+        ids, mask = r["input_ids"][:max_seq_len], r["loss_mask"][:max_seq_len]
+        if sum(mask[1:]) == 0:
+            continue
+        if max(ids) >= vocab_size:
+            raise DSparkError(f"dataset {path} has token id {max(ids)} >= the target's vocabulary {vocab_size}: "
+                              "it was generated with another tokenizer; regenerate it with this target")
+        rows.append({"input_ids": ids, "loss_mask": mask, "prompt_id": r["prompt_id"]})
+    if not rows:
+        raise DSparkError(f"dataset {path} has no rows with response tokens: generate more data")
+    return rows
+
+
+def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Hash split on prompt_id; at least one row each side when there are two or more rows."""
+    val = [r for r in rows if int(r["prompt_id"][:8], 16) % 10_000 < val_fraction * 10_000]
+    if not val and len(rows) > 1:
+        val = rows[-1:]
+    ids = {id(r) for r in val}
+    train = [r for r in rows if id(r) not in ids]
+    if not train:
+        raise DSparkError(f"only {len(rows)} row(s): not enough to train and validate; generate more data")
+    return train, val
+
+
+def draft_vocabulary(rows: list[dict], size: int, vocab_size: int) -> torch.Tensor | None:
+    """The (at most) `size` most frequent response tokens, ids sorted; None for the full vocabulary."""
+    if not size or size >= vocab_size:
+        return None
+    counts = Counter()
+    for r in rows:
+        counts.update(t for t, m in zip(r["input_ids"], r["loss_mask"]) if m)
+    return torch.tensor(sorted(t for t, _ in counts.most_common(size)))
+
+
+def collate(rows: list[dict]) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        mask[i, :n] = torch.tensor(r["loss_mask"])
+        valid[i, :n] = True
+    return {"input_ids": ids, "loss_mask": mask, "valid": valid, "prompt_id": [r["prompt_id"] for r in rows]}
+
+
+def sample_anchors(loss_mask: torch.Tensor, count: int, gamma: int, gen: torch.Generator | None):
+    """Anchor positions n whose next token is a response token; (B, A) positions, (B, A, γ) validity of
+    each predicted position n+k (inside the row and a response token)."""
+    b, width = loss_mask.shape
+    anchors = torch.zeros(b, count, dtype=torch.long)
+    ok = torch.zeros(b, count, dtype=torch.bool)
+    for i in range(b):
+        cand = (loss_mask[i, 1:] > 0).nonzero()[:, 0]
+        pick = cand[torch.randperm(len(cand), generator=gen)[:count]].sort().values
+        anchors[i, :len(pick)], ok[i, :len(pick)] = pick, True
+    pos = anchors[:, :, None] + torch.arange(1, gamma + 1)
+    inside = pos < width
+    tok_ok = loss_mask.gather(1, pos.clamp_max(width - 1).view(b, -1)).view(b, count, gamma) > 0
+    return anchors, ok[:, :, None] & inside & tok_ok
+
+
+class FeatureSource:
+    """Target hidden states for a batch: `layers` (B, L, k·H) and `last` (B, L, H, final-normed)."""
+
+    def __init__(self, target, layer_ids: list[int], cache_dir: str | None, use_cache: str = "auto"):
+        self.target, self.layer_ids = target, list(layer_ids)
+        self.files: dict[str, Path] = {}
+        if use_cache == "never":
+            return
+        folder = Path(cache_dir) if cache_dir else None
+        files = sorted(folder.glob("chunk-*.safetensors")) if folder and folder.is_dir() else []
+        for f in files:
+            with safe_open(str(f), "pt") as fh:
+                meta = fh.metadata() or {}
+                if json.loads(meta.get("layers", "[]")) != self.layer_ids or meta.get("target") != target.name:
+                    if use_cache == "always":
+                        raise DSparkError(f"feature cache {f} holds layers {meta.get('layers')} of target "
+                                          f"{meta.get('target')}, the head needs {self.layer_ids} of {target.name}: "
+                                          "regenerate with matching feature_layers or set features=online")
+                    self.files = {}
+                    return
+                for key in fh.keys():
+                    self.files[key.rsplit(".", 1)[0]] = f
+        if use_cache == "always" and not self.files:
+            raise DSparkError(f"features=cache but no feature cache in {cache_dir}: run dspark generate cache_features=true")
+
+    @property
+    def mode(self) -> str:
+        return "cache" if self.files else "online"
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.files and all(p in self.files for p in batch["prompt_id"]):
+            return self._cached(batch)
+        # right padding under a causal mask never reaches a real token, so no attention mask is needed
+        # (passing one sends transformers down a ~10× slower masked path on CPU)
+        out = self.target.model(input_ids=batch["input_ids"].to(self.target.device), output_hidden_states=True,
+                                logits_to_keep=1)
+        hs = out.hidden_states
+        return torch.cat([hs[i] for i in self.layer_ids], -1), hs[-1]
+
+    def _cached(self, batch):
+        b, width = batch["input_ids"].shape
+        layers, last = None, None
+        for i, pid in enumerate(batch["prompt_id"]):
+            with safe_open(str(self.files[pid]), "pt") as fh:
+                lay, la = fh.get_tensor(f"{pid}.layers"), fh.get_tensor(f"{pid}.last")
+            n = min(len(lay), width)
+            if layers is None:
+                layers = torch.zeros(b, width, lay.shape[-1], dtype=lay.dtype)
+                last = torch.zeros(b, width, la.shape[-1], dtype=la.dtype)
+            layers[i, :n], last[i, :n] = lay[:n], la[:n]
+        return layers.to(self.target.device), last.to(self.target.device)

@@ -1,0 +1,257 @@
+"""The one training loop (accelerate). Objectives plug in through `forward_loss` (objectives.py).
+
+Data order is a seeded permutation per epoch, sharded across ranks by hand, and anchors are drawn
+from a generator seeded by (seed, rank, micro-step): a run resumed from a checkpoint (accelerate
+`save_state`: weights, optimizer, scheduler, RNG) replays exactly the batches and anchors the
+uninterrupted run would have seen, so its loss curve is the same.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
+from dspark.models.errors import DSparkError
+from dspark.models.losses import expected_tau, lr_factor
+from dspark.models.target import load_target
+
+from .data import FeatureSource, collate, draft_vocabulary, load_rows, sample_anchors, split
+from .objectives import OBJECTIVES
+
+
+def build_head(d, target, d2t) -> DSparkDraft:
+    """A fresh head from a `conf/draft` size; unset widths follow the target."""
+    tc = target.model.config
+    layer_ids = list(d.target_layer_ids) if d.target_layer_ids else default_layer_ids(target.num_layers)
+    config = DSparkConfig(
+        target=target.name, target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
+        target_num_layers=target.num_layers, target_layer_ids=layer_ids, num_layers=d.num_layers,
+        num_attention_heads=d.num_attention_heads or tc.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads or tc.num_key_value_heads,
+        intermediate_size=d.intermediate_size or tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
+        rope_theta=float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+        gamma=d.gamma, sequential_head=d.sequential_head, head_rank=d.head_rank,
+        draft_vocab_size=0 if d2t is None else len(d2t))
+    head = DSparkDraft(config, d2t).attach(target)
+    if d.init_from_target:
+        head.init_from_target(target)
+    return head
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        cuda = torch.cuda.is_available()
+        self.acc = Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
+                               mixed_precision="bf16" if cuda and cfg.bf16_autocast else "no",
+                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                               log_with="wandb" if cfg.logger.name == "wandb" else None)
+        set_seed(cfg.seed)
+        self.out = Path(cfg.output_dir)
+        self.target = load_target(cfg.target, device=self.acc.device)
+        rows = load_rows(cfg.data_dir, cfg.max_seq_len, self.target.vocab_size)
+        self.train_rows, self.val_rows = split(rows, cfg.val_fraction)
+        d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
+        self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
+        c = self.head.config
+        self.features = FeatureSource(self.target, c.target_layer_ids, cfg.features_dir, cfg.features)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.total_steps = cfg.max_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
+        self.model, self.opt, self.sched = self.acc.prepare(self.head, self.opt, self.sched)
+        self.objective = OBJECTIVES[c.kind](self.model, self.target, self.features, cfg.anchors_per_seq, cfg.loss)
+        self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_batches(self, epoch: int) -> list[list[dict]]:
+        """This rank's micro-batches of an epoch (same global order on every rank)."""
+        w, r, bs = self.acc.num_processes, self.acc.process_index, self.cfg.batch_size
+        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        per_step = bs * w
+        n = max(len(order) // per_step, 1)
+        order = order.repeat(-(-n * per_step // len(order)))[:n * per_step]   # tiny data: wrap around
+        return [[self.train_rows[i] for i in order[k * per_step + r * bs:k * per_step + (r + 1) * bs]]
+                for k in range(n)]
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        if self.cfg.resume:
+            self._resume()
+        cfg, acc, st = self.cfg, self.acc, self.state
+        if acc.is_main_process and cfg.logger.name == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")
+            acc.init_trackers(cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True),
+                              init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        bar = tqdm(total=cfg.max_steps, initial=st["step"], desc=f"train {self.head.config.kind}", unit="step",
+                   disable=not acc.is_main_process)
+        t_start, base_seconds = time.perf_counter(), st["seconds"]
+        window = {"loss": 0.0, "count": 0.0}
+        stop = False
+        while not stop:
+            batches = self._epoch_batches(st["epoch"])
+            for bi in range(st["batch"], len(batches)):
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + acc.process_index * 7919 + st["micro"])
+                with acc.accumulate(self.model):
+                    loss_sum, count, _ = self.objective.forward_loss(collate(batches[bi]), gen, self.head)
+                    total = acc.gather(count.float().reshape(1)).sum().clamp_min(1)
+                    loss = loss_sum * acc.num_processes / total
+                    if not torch.isfinite(loss):
+                        raise DSparkError(self._nan_message())
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.grad_clip:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    self.opt.step()
+                    self.sched.step()
+                    self.opt.zero_grad()
+                st["micro"] += 1
+                st["batch"] = bi + 1
+                st["positions"] += int(total.item())
+                window["loss"] += float(loss_sum.detach()) * acc.num_processes
+                window["count"] += float(total)
+                if not acc.sync_gradients:
+                    continue
+                st["step"] += 1
+                st["seconds"] = base_seconds + time.perf_counter() - t_start
+                train_loss = window["loss"] / max(window["count"], 1)
+                window = {"loss": 0.0, "count": 0.0}
+                st["train_loss"] = train_loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", pos_s=f"{st['positions'] / max(st['seconds'], 1e-9):.0f}")
+                acc.log({"train/loss": train_loss, "lr": self.sched.get_last_lr()[0]}, step=st["step"])
+                last = st["step"] >= cfg.max_steps or st["seconds"] >= budget
+                if st["step"] % cfg.eval_every == 0 or last:
+                    self._validate()
+                if cfg.save_every and (st["step"] % cfg.save_every == 0 or last):
+                    self._checkpoint()
+                if last or (cfg.stop_after_steps and st["step"] >= cfg.stop_after_steps):
+                    stop = True
+                    break
+            else:
+                st["epoch"], st["batch"] = st["epoch"] + 1, 0
+        bar.close()
+        acc.end_training()
+        return self._finish()
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _validate(self) -> None:
+        st, g = self.state, self.head.config.gamma
+        if self.acc.is_main_process:
+            self.head.eval()
+            sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
+            taus, greedy_taus, accept, greedy = [], [], [], []
+            for i in range(0, len(self.val_rows), self.cfg.batch_size):
+                batch = collate(self.val_rows[i:i + self.cfg.batch_size])
+                gen = torch.Generator().manual_seed(self.cfg.seed + i)   # the same anchors every time
+                obj = OBJECTIVES[self.head.config.kind](self.head, self.target, self.features,
+                                                         self.cfg.val_anchors_per_seq, self.cfg.loss)
+                _, _, out = obj.forward_loss(batch, gen, self.head)
+                for k in sums:
+                    sums[k] += float(out[k])
+                keep = out["valid"][:, 0]
+                taus.append(expected_tau(out["accept"], out["valid"])[keep])
+                greedy_taus.append(expected_tau(out["greedy"], out["valid"])[keep])
+                accept.append(out["accept"][keep] * out["valid"][keep])
+                greedy.append(out["greedy"][keep])
+            n = max(sums["count"], 1)
+            acc_k = torch.cat(accept)
+            g_k = torch.cat(greedy).float()
+            reached = torch.cumprod(torch.cat([torch.ones(len(g_k), 1), g_k[:, :-1]], 1), 1)
+            point = {"step": st["step"], "minutes": st["seconds"] / 60, "positions": st["positions"],
+                     "train_loss": st.get("train_loss"), "val_loss": sums["loss"] / n, "val_ce": sums["ce"] / n,
+                     "val_l1": sums["l1"] / n, "val_bce": sums["bce"] / n,
+                     "val_tau": float(torch.cat(taus).mean()), "val_tau_greedy": float(torch.cat(greedy_taus).mean()),
+                     "val_acceptance_by_position": acc_k.mean(0).tolist(),
+                     "val_greedy_acceptance_by_position":
+                         ((g_k * reached).sum(0) / reached.sum(0).clamp_min(1)).tolist()}
+            st["curve"].append(point)
+            self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
+                          not isinstance(v, list)}, step=st["step"])
+            tqdm.write(f"step {st['step']}: val loss {point['val_loss']:.3f}  expected τ {point['val_tau']:.3f} "
+                       f"(greedy {point['val_tau_greedy']:.3f})  {st['positions'] / max(st['seconds'], 1e-9):.0f} pos/s")
+            self.head.train()
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> None:
+        root = self.out / "checkpoints"
+        tmp = root / f".tmp-step-{self.state['step']}"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(self.state))
+            final = root / f"step-{self.state['step']:07d}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _latest(self) -> Path | None:
+        found = sorted((self.out / "checkpoints").glob("step-*"))
+        return found[-1] if found else None
+
+    def _resume(self) -> None:
+        ckpt = self._latest()
+        if ckpt is None:
+            raise DSparkError(f"resume=true but no checkpoint in {self.out / 'checkpoints'}: start without resume")
+        self.acc.load_state(str(ckpt))
+        self.state = json.loads((ckpt / "trainer_state.json").read_text())
+        tqdm.write(f"resumed from {ckpt} (step {self.state['step']})")
+
+    def _nan_message(self) -> str:
+        ckpt = self._latest()
+        keep = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+        return (f"loss became NaN/inf at step {self.state['step']}; {keep}. Lower optim.lr or check the data, "
+                "then rerun (resume=true continues from the checkpoint)")
+
+    # ------------------------------------------------------------------ outputs
+    def _finish(self) -> dict:
+        st, c = self.state, self.head.config
+        summary = {}
+        if self.acc.is_main_process:
+            tmp = self.out / ".head.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.head.save_pretrained(tmp)
+            shutil.rmtree(self.out / "head", ignore_errors=True)
+            os.replace(tmp, self.out / "head")
+            final = st["curve"][-1] if st["curve"] else {}
+            summary = {
+                "objective": c.kind, "draft": self.cfg.draft.name, "target": self.target.name,
+                "trainable_params": self.head.num_trainable(), "draft_vocab_size": c.draft_vocab_size,
+                "gamma": c.gamma, "steps": st["step"], "wall_s": st["seconds"],
+                "train_positions": st["positions"], "positions_per_s": st["positions"] / max(st["seconds"], 1e-9),
+                "train_rows": len(self.train_rows), "val_rows": len(self.val_rows), "features": self.features.mode,
+                "processes": self.acc.num_processes, "train_loss": st.get("train_loss"),
+                **{k: v for k, v in final.items() if k.startswith("val_")},
+                "head": str(self.out / "head"), "curve": st["curve"],
+            }
+            tmp_json = self.out / ".train.json.tmp"
+            tmp_json.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp_json, self.out / "train.json")
+            print(f"trained {c.kind} head ({summary['trainable_params'] / 1e6:.2f}M params) for {st['step']} steps "
+                  f"in {st['seconds']:.0f}s: val loss {summary.get('val_loss', float('nan')):.3f}, expected τ "
+                  f"{summary.get('val_tau', float('nan')):.3f} (greedy {summary.get('val_tau_greedy', float('nan')):.3f}); "
+                  f"head → {self.out / 'head'}")
+        self.acc.wait_for_everyone()
+        return summary
+
+
+def run(cfg) -> dict:
+    summary = Trainer(cfg).fit()
+    return {"val_tau": summary.get("val_tau")}
