@@ -230,7 +230,7 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
     if cfg.cache_features:
         files = list((out / "features").glob("*.safetensors"))
         summary["features"] = {"dir": str(out / "features"), "files": len(files),
-                               "bytes": sum(f.stat().st_size for f in files), "layers": check_layers(target, cfg.feature_layers)}
+                               "bytes": sum(f.stat().st_size for f in files), "layers": want["feature_layers"]}
     _write_atomic(out / "generate.json", json.dumps(summary, indent=2))
     return summary
 
