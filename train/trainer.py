@@ -129,7 +129,7 @@ class Trainer:
                 window = {"loss": 0.0, "count": 0.0}
                 st["train_loss"] = train_loss
                 bar.update(1)
-                bar.set_postfix(loss=f"{train_loss:.3f}", pos_s=f"{st['positions'] / max(st['seconds'], 1e-9):.0f}")
+                bar.set_postfix(loss=f"{train_loss:.3f}", pos_s=f"{self._rate():.0f}")
                 acc.log({"train/loss": train_loss, "lr": self.sched.get_last_lr()[0]}, step=st["step"])
                 last = st["step"] >= cfg.max_steps or st["seconds"] >= budget
                 if st["step"] % cfg.eval_every == 0 or last:
@@ -145,10 +145,15 @@ class Trainer:
         acc.end_training()
         return self._finish()
 
+    def _rate(self) -> float:
+        """Training positions per second of training time (validation excluded)."""
+        st = self.state
+        return st["positions"] / max(st["seconds"] - st.get("val_seconds", 0.0), 1e-9)
+
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def _validate(self) -> None:
-        st, g = self.state, self.head.config.gamma
+        st, t0 = self.state, time.perf_counter()
         if self.acc.is_main_process:
             self.head.eval()
             sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
@@ -181,9 +186,10 @@ class Trainer:
             self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
                           not isinstance(v, list)}, step=st["step"])
             tqdm.write(f"step {st['step']}: val loss {point['val_loss']:.3f}  expected τ {point['val_tau']:.3f} "
-                       f"(greedy {point['val_tau_greedy']:.3f})  {st['positions'] / max(st['seconds'], 1e-9):.0f} pos/s")
+                       f"(greedy {point['val_tau_greedy']:.3f})  {self._rate():.0f} training positions/s")
             self.head.train()
         self.acc.wait_for_everyone()
+        st["val_seconds"] = st.get("val_seconds", 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
@@ -235,7 +241,8 @@ class Trainer:
                 "objective": c.kind, "draft": self.cfg.draft.name, "target": self.target.name,
                 "trainable_params": self.head.num_trainable(), "draft_vocab_size": c.draft_vocab_size,
                 "gamma": c.gamma, "steps": st["step"], "wall_s": st["seconds"],
-                "train_positions": st["positions"], "positions_per_s": st["positions"] / max(st["seconds"], 1e-9),
+                "val_s": st.get("val_seconds", 0.0), "train_positions": st["positions"],
+                "positions_per_s": st["positions"] / max(st["seconds"] - st.get("val_seconds", 0.0), 1e-9),
                 "train_rows": len(self.train_rows), "val_rows": len(self.val_rows), "features": self.features.mode,
                 "processes": self.acc.num_processes, "train_loss": st.get("train_loss"),
                 **{k: v for k, v in final.items() if k.startswith("val_")},
