@@ -3,7 +3,8 @@
 Rows hold `input_ids` (prompt + the target's own response) and `loss_mask` (1 on response tokens).
 A validation split is taken by a hash of `prompt_id` (deterministic, disjoint from training).
 Target features come from the optional bf16 cache of `dspark generate cache_features=true` when its
-layers match the head's, otherwise from the frozen target online (no grad, same process).
+layers match the head's; otherwise one batched pass of the frozen target at start-up keeps them in RAM
+in the target's dtype (`memory`, when they fit `features_memory_gb`), else the target runs online every step.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ class FeatureSource:
     def __init__(self, target, layer_ids: list[int], cache_dir: str | None, use_cache: str = "auto"):
         self.target, self.layer_ids = target, list(layer_ids)
         self.files: dict[str, Path] = {}
-        if use_cache == "never":
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if use_cache in ("online", "memory"):
             return
         folder = Path(cache_dir) if cache_dir else None
         files = sorted(folder.glob("chunk-*.safetensors")) if folder and folder.is_dir() else []
@@ -122,12 +124,34 @@ class FeatureSource:
 
     @property
     def mode(self) -> str:
-        return "cache" if self.files else "online"
+        return "cache" if self.files else "memory" if self.memory else "online"
+
+    def bytes_per_token(self) -> int:
+        return (len(self.layer_ids) + 1) * self.target.hidden_size * self.target.dtype.itemsize
+
+    @torch.no_grad()
+    def precompute(self, rows: list[dict], batch_size: int, disable_bar: bool = False) -> None:
+        """One batched target pass over every row, kept in RAM: each later epoch then costs only
+        the draft's own work (kept in the target's dtype). Rows sorted by length so batches carry little padding."""
+        from tqdm import tqdm
+
+        order = sorted(rows, key=lambda r: len(r["input_ids"]))
+        for i in tqdm(range(0, len(order), batch_size), desc="target features", unit="batch", disable=disable_bar):
+            chunk = order[i:i + batch_size]
+            layers, last = self._online(collate(chunk))
+            for j, r in enumerate(chunk):
+                n = len(r["input_ids"])
+                self.memory[r["prompt_id"]] = (layers[j, :n].cpu(), last[j, :n].cpu())
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.memory and all(p in self.memory for p in batch["prompt_id"]):
+            return self._stack(batch, [self.memory[p] for p in batch["prompt_id"]])
         if self.files and all(p in self.files for p in batch["prompt_id"]):
             return self._cached(batch)
+        return self._online(batch)
+
+    def _online(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # right padding under a causal mask never reaches a real token, so no attention mask is needed
         # (passing one sends transformers down a ~10× slower masked path on CPU)
         out = self.target.model(input_ids=batch["input_ids"].to(self.target.device), output_hidden_states=True,
@@ -136,14 +160,17 @@ class FeatureSource:
         return torch.cat([hs[i] for i in self.layer_ids], -1), hs[-1]
 
     def _cached(self, batch):
-        b, width = batch["input_ids"].shape
-        layers, last = None, None
-        for i, pid in enumerate(batch["prompt_id"]):
+        pairs = []
+        for pid in batch["prompt_id"]:
             with safe_open(str(self.files[pid]), "pt") as fh:
-                lay, la = fh.get_tensor(f"{pid}.layers"), fh.get_tensor(f"{pid}.last")
+                pairs.append((fh.get_tensor(f"{pid}.layers"), fh.get_tensor(f"{pid}.last")))
+        return self._stack(batch, pairs)
+
+    def _stack(self, batch, pairs):
+        b, width = batch["input_ids"].shape
+        layers = torch.zeros(b, width, pairs[0][0].shape[-1], dtype=pairs[0][0].dtype)
+        last = torch.zeros(b, width, pairs[0][1].shape[-1], dtype=pairs[0][1].dtype)
+        for i, (lay, la) in enumerate(pairs):
             n = min(len(lay), width)
-            if layers is None:
-                layers = torch.zeros(b, width, lay.shape[-1], dtype=lay.dtype)
-                last = torch.zeros(b, width, la.shape[-1], dtype=la.dtype)
             layers[i, :n], last[i, :n] = lay[:n], la[:n]
         return layers.to(self.target.device), last.to(self.target.device)

@@ -36,7 +36,7 @@ class BlockObjective:
         with torch.no_grad():
             # the target's distribution for token n+k comes from its final state at n+k−1
             h_t = last.gather(1, pos[..., :-1].clamp_max(width - 1).view(b, -1, 1).expand(-1, -1, last.shape[-1]))
-            target_logits = (h_t.to(self.lm_weight.device) @ self.lm_weight.t()).view(b, a, g, -1).to(dev)
+            target_logits = (h_t.to(self.lm_weight.device, self.lm_weight.dtype) @ self.lm_weight.t()).view(b, a, g, -1).to(dev)
         labels = head.t2d[toks[..., 1:]]
         out = block_losses(draft_logits.view(b * a, g, -1), conf_logits.view(b * a, g),
                            target_logits.view(b * a, g, -1), labels.view(b * a, g), valid.view(b * a, g),

@@ -65,6 +65,7 @@ class Trainer:
         self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
         c = self.head.config
         self.features = FeatureSource(self.target, c.target_layer_ids, cfg.features_dir, cfg.features)
+        self._maybe_precompute()
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.total_steps = cfg.max_steps
@@ -73,6 +74,18 @@ class Trainer:
         self.model, self.opt, self.sched = self.acc.prepare(self.head, self.opt, self.sched)
         self.objective = OBJECTIVES[c.kind](self.model, self.target, self.features, cfg.anchors_per_seq, cfg.loss)
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
+
+    def _maybe_precompute(self) -> None:
+        cfg, f = self.cfg, self.features
+        if f.mode == "cache" or cfg.features == "online":
+            return
+        rows = self.train_rows + self.val_rows
+        need = sum(len(r["input_ids"]) for r in rows) * f.bytes_per_token() / 2**30
+        if need <= cfg.features_memory_gb:
+            f.precompute(rows, cfg.feature_batch_size, disable_bar=not self.acc.is_main_process)
+        elif cfg.features == "memory":
+            raise DSparkError(f"features=memory needs {need:.1f} GB > features_memory_gb={cfg.features_memory_gb}: "
+                              "raise the limit, use features=online, or cache features in dspark generate")
 
     # ------------------------------------------------------------------ data order
     def _epoch_batches(self, epoch: int) -> list[list[dict]]:
