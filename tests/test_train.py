@@ -124,3 +124,17 @@ def test_two_process_accelerate_run(data_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["processes"] == 2 and report["steps"] == 4
+
+
+def test_multirun_sweep_writes_one_folder_per_size_and_a_summary(data_dir, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "dspark.train", "--multirun", "draft=tiny,dflash", *FAST[:1], *FAST[2:],
+                          f"data_dir={data_dir}", f"output_dir={tmp_path}", "max_steps=2", "eval_every=2",
+                          "save_every=0"], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted(r["draft"] for r in rows) == ["dflash", "tiny"] and all("draft=" in r["run"] for r in rows)
+    assert {r["objective"] for r in rows} == {"dspark", "dflash"}
+    assert all(r["val_tau"] >= 1.0 and r["trainable_params"] > 0 for r in rows)
+    assert all((tmp_path / r["run"] / "head" / "config.json").is_file() for r in rows)
+    assert "| tiny |" in (tmp_path / "sweep.md").read_text()
