@@ -155,8 +155,9 @@ class Trainer:
             else:
                 st["epoch"], st["batch"] = st["epoch"] + 1, 0
         bar.close()
-        acc.end_training()
-        return self._finish()
+        summary = self._finish()
+        acc.end_training()   # also tears down the process group: last
+        return summary
 
     def _rate(self) -> float:
         """Training positions per second of training time (validation excluded)."""
