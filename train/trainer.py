@@ -25,7 +25,7 @@ from dspark.models.errors import DSparkError
 from dspark.models.losses import expected_tau, lr_factor
 from dspark.models.target import load_target
 
-from .data import FeatureSource, collate, draft_vocabulary, load_rows, sample_anchors, split
+from .data import FeatureSource, collate, draft_vocabulary, load_rows, split
 from .objectives import OBJECTIVES
 
 
