@@ -21,25 +21,26 @@ class DSparkDrafter(Drafter):
         self.temperature = float(temperature)
         self.vocab_size = target.vocab_size
         self.gen = torch.Generator().manual_seed(seed)
-        self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.length: dict[int, int] = {}
+        self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # rid → per layer (1, n, kv, hd)
 
     @torch.no_grad()
     def _extend(self, rid: int, feats: torch.Tensor | None) -> None:
-        start = self.length.get(rid, 0)
         if feats is None:
             return
+        start = self._length(rid)
         pos = torch.arange(start, start + len(feats), device=feats.device)[None]
         new = self.head.context_kv(self.head.project_context(feats[None]), pos)
         old = self.kv.get(rid)
         self.kv[rid] = new if old is None else [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
                                                for (k0, v0), (k1, v1) in zip(old, new)]
-        self.length[rid] = start + len(feats)
+
+    def _length(self, rid: int) -> int:
+        """Context positions cached for a request (the anchor's position)."""
+        return self.kv[rid][0][0].shape[1] if rid in self.kv else 0
 
     def start(self, states, features):
         for i, s in enumerate(states):
             self.kv.pop(s.rid, None)
-            self.length[s.rid] = 0
             feats = features[i] if features is not None else torch.zeros(0, self.head.context_proj.in_features)
             self._extend(s.rid, feats.to(self.head.mask_embedding.device))
 
@@ -49,7 +50,6 @@ class DSparkDrafter(Drafter):
 
     def finish(self, state):
         self.kv.pop(state.rid, None)
-        self.length.pop(state.rid, None)
 
     @torch.no_grad()
     def propose(self, states, limits):
@@ -59,7 +59,7 @@ class DSparkDrafter(Drafter):
             return out
         head, g = self.head, self.head.config.gamma
         dev = head.mask_embedding.device
-        lens = [self.length[states[i].rid] for i in rows]
+        lens = [self._length(states[i].rid) for i in rows]
         width = max(lens)
         kv = []
         for layer_idx in range(len(head.layers)):

@@ -172,11 +172,11 @@ class Trainer:
             self.head.eval()
             sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
             taus, greedy_taus, accept, greedy = [], [], [], []
+            obj = OBJECTIVES[self.head.config.kind](self.head, self.target, self.features,
+                                                     self.cfg.val_anchors_per_seq, self.cfg.loss)
             for i in range(0, len(self.val_rows), self.cfg.batch_size):
                 batch = collate(self.val_rows[i:i + self.cfg.batch_size])
                 gen = torch.Generator().manual_seed(self.cfg.seed + i)   # the same anchors every time
-                obj = OBJECTIVES[self.head.config.kind](self.head, self.target, self.features,
-                                                         self.cfg.val_anchors_per_seq, self.cfg.loss)
                 _, _, out = obj.forward_loss(batch, gen, self.head)
                 for k in sums:
                     sums[k] += float(out[k])
