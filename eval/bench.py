@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark.inference import DSparkDrafter, Engine, OracleDrafter, PromptLookupDrafter, Stats
-from dspark.models.dspark import DSparkDraft
+from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
+from dspark.models.heads import load_head
 from dspark.models.errors import DSparkError
 from dspark.models.target import load_target
 
@@ -67,13 +67,13 @@ def run(cfg) -> dict:
     return {"best_speedup": best}
 
 
-def trained_heads(cfg) -> dict[str, DSparkDraft]:
+def trained_heads(cfg) -> dict:
     """Method name → head: `head` (default <output_dir>/head, used when present) and every folder in
     `extra_heads` (must exist). Named by kind (dspark / dflash), plus the folder name on a clash."""
     folders = ([cfg.head] if cfg.head and (Path(cfg.head) / "config.json").is_file() else []) + list(cfg.extra_heads)
     heads = {}
     for folder in folders:
-        head = DSparkDraft.from_pretrained(folder)
+        head = load_head(folder)
         name = head.config.kind
         heads[name if name not in heads else f"{name}:{Path(folder).name}"] = head
     return heads
@@ -94,7 +94,7 @@ class Bench:
         elif name == "prompt_lookup":
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
         elif name in self.heads:
-            drafter = DSparkDrafter(self.heads[name], self.target, temperature=c.temperature, seed=c.seed)
+            drafter = drafter_for(self.heads[name], self.target, temperature=c.temperature, seed=c.seed)
         return Engine(self.target, drafter, gamma=c.gamma, temperature=c.temperature, top_p=c.top_p,
                       record_margins=record)
 

@@ -2,7 +2,8 @@
 from .drafters import Drafter, OracleDrafter, PromptLookupDrafter, Proposal, RandomDrafter, RequestState
 from .dspark_drafter import DSparkDrafter
 from .engine import Engine, Result, Stats
+from .head_drafters import drafter_for
 from .policy import VerifyAll
 
 __all__ = ["DSparkDrafter", "Drafter", "Engine", "OracleDrafter", "PromptLookupDrafter", "Proposal", "RandomDrafter",
-           "RequestState", "Result", "Stats", "VerifyAll"]
+           "RequestState", "Result", "Stats", "VerifyAll", "drafter_for"]

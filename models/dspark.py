@@ -46,6 +46,7 @@ class DSparkConfig:
     sequential_head: str = "markov"       # markov | rnn | none (= DFlash)
     head_rank: int = 64                   # Markov rank r / RNN state width
     draft_vocab_size: int = 0             # 0 = the target's whole vocabulary
+    confidence_temperatures: list = field(default_factory=list)   # STS, one per block position (dspark calibrate)
     model_type: str = "dspark"
 
     def __post_init__(self):
@@ -56,6 +57,10 @@ class DSparkConfig:
                               f"hidden size {self.target_hidden_size}: pick compatible head counts")
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
         self.draft_vocab_size = int(self.draft_vocab_size or self.target_vocab_size)
+        self.confidence_temperatures = [float(t) for t in self.confidence_temperatures]
+        if any(not t > 0 for t in self.confidence_temperatures):
+            raise DSparkError(f"confidence_temperatures must be > 0 (got {self.confidence_temperatures}): "
+                              "re-run `dspark calibrate`")
 
     @property
     def kind(self) -> str:
@@ -305,6 +310,11 @@ class DSparkDraft(nn.Module):
             conf.append(c)
         return torch.stack(logits, -2), torch.stack(conf, -1)
 
+    def confidence_temperature(self, k: int) -> float:
+        """STS temperature of block position k (1.0 until calibrated; the last one beyond the list)."""
+        t = self.config.confidence_temperatures
+        return t[min(k, len(t) - 1)] if t else 1.0
+
     @torch.no_grad()
     def sample_block(self, h: torch.Tensor, anchors: torch.Tensor, temperature: float,
                      generator: torch.Generator | None = None):
@@ -324,7 +334,7 @@ class DSparkDraft(nn.Module):
             else:
                 tok = logits.argmax(-1)
             toks.append(tok)
-            confs.append(torch.sigmoid(c.float()))
+            confs.append(torch.sigmoid(c.float() / self.confidence_temperature(k)))
             prev_ids = tok
         return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None, torch.stack(confs, 1)
 

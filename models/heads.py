@@ -1,0 +1,31 @@
+"""Load any trained draft head from its folder: `config.json` names the architecture."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .dspark import DSparkDraft
+from .errors import DSparkError
+
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"DSparkDraft": DSparkDraft}
+
+
+def head_architecture(folder: str | Path) -> str:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise DSparkError(f"{folder} is not a draft head folder (no config.json): run `dspark train` first "
+                          "or pass head=<folder>")
+    try:
+        arch = (json.loads(path.read_text()).get("architectures") or ["DSparkDraft"])[0]
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DSparkError(f"{path} is malformed ({e}): re-export the head") from None
+    if arch not in HEAD_CLASSES:
+        raise DSparkError(f"{path} names architecture '{arch}', not one of {sorted(HEAD_CLASSES)}")
+    return arch
+
+
+def load_head(folder: str | Path) -> nn.Module:
+    """The head saved in `folder` (strict: config and weights must match)."""
+    return HEAD_CLASSES[head_architecture(folder)].from_pretrained(folder)
