@@ -20,12 +20,13 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from dspark.data.dataset import load_rows, split
 from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
 from dspark.models.errors import DSparkError
 from dspark.models.losses import expected_tau, lr_factor
 from dspark.models.target import load_target
 
-from .data import FeatureSource, collate, draft_vocabulary, load_rows, split
+from .data import FeatureSource, collate, draft_vocabulary
 from .objectives import OBJECTIVES
 
 
