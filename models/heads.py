@@ -7,9 +7,10 @@ from pathlib import Path
 from torch import nn
 
 from .dspark import DSparkDraft
+from .eagle3 import Eagle3Draft
 from .errors import DSparkError
 
-HEAD_CLASSES: dict[str, type[nn.Module]] = {"DSparkDraft": DSparkDraft}
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"DSparkDraft": DSparkDraft, "Eagle3Draft": Eagle3Draft}
 
 
 def head_architecture(folder: str | Path) -> str:

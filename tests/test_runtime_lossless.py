@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_head
-from dspark.inference import DSparkDrafter, Engine, OracleDrafter, PromptLookupDrafter, RandomDrafter
+from dspark.inference import DSparkDrafter, Eagle3Drafter, Engine, OracleDrafter, PromptLookupDrafter, RandomDrafter
+from test_eagle3 import tiny_eagle3_head
 
 MAX_NEW = [37, 20, 29]   # different finish times
 
@@ -32,7 +33,8 @@ def drafters(target, gamma):
             "random": RandomDrafter(target.vocab_size, gamma, seed=gamma),
             "dspark_markov": DSparkDrafter(tiny_head(target, "markov", draft_vocab=200), target),
             "dspark_rnn": DSparkDrafter(tiny_head(target, "rnn"), target),
-            "dflash": DSparkDrafter(tiny_head(target, "none"), target)}
+            "dflash": DSparkDrafter(tiny_head(target, "none"), target),
+            "eagle3": Eagle3Drafter(tiny_eagle3_head(target, draft_vocab=200), target)}
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 7])

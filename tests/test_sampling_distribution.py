@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_head
-from dspark.inference import DSparkDrafter, Engine, RandomDrafter
+from dspark.inference import DSparkDrafter, Eagle3Drafter, Engine, RandomDrafter
+from test_eagle3 import tiny_eagle3_head
 from dspark.inference.verify import target_probs, verify_sampled
 
 
@@ -67,7 +68,7 @@ def test_top_p_keeps_the_nucleus():
     torch.testing.assert_close(probs, torch.tensor([0.625, 0.375, 0.0, 0.0]))
 
 
-@pytest.mark.parametrize("kind", ["random", "dspark"])
+@pytest.mark.parametrize("kind", ["random", "dspark", "eagle3"])
 def test_engine_sampling_matches_target_distribution(tiny_target, tiny_prompts, kind):
     """End to end on the tiny target: the first two sampled tokens of many requests follow the target's
     exact distribution (marginal of the second computed by enumerating the first)."""
@@ -82,6 +83,8 @@ def test_engine_sampling_matches_target_distribution(tiny_target, tiny_prompts, 
     first = torch.zeros(tiny_target.vocab_size)
     second = torch.zeros(tiny_target.vocab_size)
     drafter = (RandomDrafter(tiny_target.vocab_size, 3, seed=5, sharpness=1.0) if kind == "random" else
+               Eagle3Drafter(tiny_eagle3_head(tiny_target, draft_vocab=200), tiny_target, temperature=temp)
+               if kind == "eagle3" else
                DSparkDrafter(tiny_head(tiny_target, "markov", draft_vocab=200), tiny_target, temperature=temp))
     engine = Engine(tiny_target, drafter, gamma=3, temperature=temp, top_p=top_p)
     for seed in range(8):

@@ -1,13 +1,14 @@
 """Training objectives plugged into the one Trainer: `forward_loss(batch, gen) -> (loss_sum, count, stats)`.
 
-`dspark` and `dflash` share one objective (DFlash is the head without its sequential part); a
-future `eagle3` adds its own class here with the same signature.
+`dspark` and `dflash` share one objective (DFlash is the head without its sequential part); `eagle3`
+trains the autoregressive EAGLE-3 head with training-time test on the same anchors and target distributions.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from dspark.models.losses import block_losses
+from dspark.models.losses import block_losses, position_weights
 
 from .data import sample_anchors
 
@@ -23,8 +24,19 @@ class BlockObjective:
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`self.model` may be wrapped for data parallelism; `head` is the unwrapped module (buffers)."""
         g = head.config.gamma
+        feats, ids, anchors, valid, toks, target_logits = self.blocks(batch, gen, g, head.d2t.device)
+        b, a = anchors.shape
+        draft_logits, conf_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1])
+        labels = head.t2d[toks[..., 1:]]
+        out = block_losses(draft_logits.view(b * a, g, -1), conf_logits.view(b * a, g),
+                           target_logits.view(b * a, g, -1), labels.view(b * a, g), valid.view(b * a, g),
+                           head.d2t, self.alpha)
+        return out["loss"], out["count"], out
+
+    def blocks(self, batch: dict, gen: torch.Generator | None, g: int, dev):
+        """Anchors and what every block is scored against: features (B, L, k·H), ids (B, L), anchors (B, A),
+        valid (B, A, γ), tokens x_n … x_{n+γ} (B, A, γ+1), target logits for x_{n+1} … x_{n+γ} (B, A, γ, V)."""
         feats, last = self.features(batch)
-        dev = head.mask_embedding.device
         ids = batch["input_ids"].to(dev)
         anchors, valid = sample_anchors(batch["loss_mask"], self.anchors_per_seq, g, gen)
         anchors, valid = anchors.to(dev), valid.to(dev)
@@ -32,16 +44,38 @@ class BlockObjective:
         width = ids.shape[1]
         pos = anchors[:, :, None] + torch.arange(g + 1, device=dev)          # (B, A, γ+1): anchor … n+γ
         toks = ids.gather(1, pos.clamp_max(width - 1).view(b, -1)).view(b, a, g + 1)
-        draft_logits, conf_logits = self.model(feats.to(dev), ids, anchors, batch["valid"].to(dev), toks[..., :-1])
         with torch.no_grad():
             # the target's distribution for token n+k comes from its final state at n+k−1
             h_t = last.gather(1, pos[..., :-1].clamp_max(width - 1).view(b, -1, 1).expand(-1, -1, last.shape[-1]))
             target_logits = (h_t.to(self.lm_weight.device, self.lm_weight.dtype) @ self.lm_weight.t()).view(b, a, g, -1).to(dev)
-        labels = head.t2d[toks[..., 1:]]
-        out = block_losses(draft_logits.view(b * a, g, -1), conf_logits.view(b * a, g),
-                           target_logits.view(b * a, g, -1), labels.view(b * a, g), valid.view(b * a, g),
-                           head.d2t, self.alpha)
+        return feats.to(dev), ids, anchors, valid, toks, target_logits
+
+
+class Eagle3Objective(BlockObjective):
+    """EAGLE-3 training-time test on the same packed anchors: from each anchor the drafter runs γ steps,
+    feeding its own output back as the next step's feature (models/eagle3.py), and step k is trained
+    towards the target's distribution of x_{n+k}: forward KL to the target softmax restricted to the
+    draft vocabulary and renormalised (EAGLE-3's loss), weighted by w_k = exp(−(k−1)/γ). Validation
+    stats (expected τ, greedy τ, L1, CE) are those of `block_losses`; the confidence reported is the
+    draft's top probability, so `bce` measures how well that works as a survival estimate."""
+
+    def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        g = head.config.gamma
+        feats, ids, anchors, valid, toks, target_logits = self.blocks(batch, gen, g, head.d2t.device)
+        b, a = anchors.shape
+        draft_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1]).view(b * a, g, -1)
+        target_logits = target_logits.view(b * a, g, -1)
+        valid = valid.view(b * a, g)
+        logp_d = F.log_softmax(draft_logits.float(), -1)
+        top = logp_d.detach().max(-1).values.exp().clamp(1e-6, 1 - 1e-6)
+        out = block_losses(draft_logits, torch.logit(top), target_logits, head.t2d[toks[..., 1:]].view(b * a, g),
+                           valid, head.d2t, {"ce": 0.0, "tv": 0.0, "conf": 0.0})
+        with torch.no_grad():
+            p_t = F.softmax(target_logits.float(), -1)[..., head.d2t]
+            p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(1e-12)
+        kl = (p_t * (p_t.clamp_min(1e-12).log() - logp_d)).sum(-1)             # (N, γ)
+        out["loss"] = (kl * position_weights(g, kl.device) * valid).sum()
         return out["loss"], out["count"], out
 
 
-OBJECTIVES = {"dspark": BlockObjective, "dflash": BlockObjective}
+OBJECTIVES = {"dspark": BlockObjective, "dflash": BlockObjective, "eagle3": Eagle3Objective}

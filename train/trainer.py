@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dspark.data.dataset import load_rows, split
 from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
+from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids
 from dspark.models.errors import DSparkError
 from dspark.models.losses import expected_tau, lr_factor
 from dspark.models.target import load_target
@@ -30,9 +31,21 @@ from .data import FeatureSource, collate, draft_vocabulary
 from .objectives import OBJECTIVES
 
 
-def build_head(d, target, d2t) -> DSparkDraft:
-    """A fresh head from a `conf/draft` size; unset widths follow the target."""
+def build_head(d, target, d2t) -> DSparkDraft | Eagle3Draft:
+    """A fresh head from a `conf/draft` size (`architecture: eagle3` selects EAGLE-3); unset widths follow the target."""
     tc = target.model.config
+    if d.get("architecture", "dspark") == "eagle3":
+        if d.get("num_layers", 1) != 1:
+            raise DSparkError(f"an EAGLE-3 head has one decoder layer (draft.num_layers={d.num_layers}): drop the override")
+        return Eagle3Draft(Eagle3Config(
+            target=target.name, target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
+            target_num_layers=target.num_layers,
+            target_layer_ids=list(d.target_layer_ids) if d.target_layer_ids else eagle3_layer_ids(target.num_layers),
+            num_attention_heads=d.num_attention_heads or tc.num_attention_heads,
+            num_key_value_heads=d.num_key_value_heads or tc.num_key_value_heads,
+            intermediate_size=d.intermediate_size or tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
+            rope_theta=float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+            gamma=d.gamma, draft_vocab_size=0 if d2t is None else len(d2t)), d2t).attach(target)
     layer_ids = list(d.target_layer_ids) if d.target_layer_ids else default_layer_ids(target.num_layers)
     config = DSparkConfig(
         target=target.name, target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,

@@ -1,0 +1,314 @@
+"""EAGLE-3 draft head: one decoder layer over [fused target features ; token embedding], autoregressive.
+
+Paper: "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via Training-Time Test"
+(Li, Wei, Zhang, Zhang; arXiv 2503.01840). The baseline the DSpark paper compares against.
+
+Position convention. The draft entry at position j pairs the token x_j with the feature that
+predicted it: fc(concat of the target's hidden states at `target_layer_ids`, position j−1) (zeros at
+j = 0). Inside the layer both halves are normalised and concatenated, [input_layernorm(emb) ;
+hidden_norm(feature)] (width 2·D), before q/k/v; the residual stream is the feature. The layer's
+pre-norm output at j predicts x_{j+1} through norm → the target's LM head, and is itself the feature
+of the next draft step: drafting γ tokens after the anchor x_n costs γ single-position steps, the
+first over the true features, the others over the draft's own (what training-time test trains for).
+RoPE is relative, so numbering entries by their token (ours) or by their feature (vLLM) is the same.
+
+The target's embedding and LM head are shared and frozen: attached at run time (`attach`) and never
+saved. An optional reduced draft vocabulary (`d2t`, draft id → target id, saved with the head) cuts
+the LM-head cost; a target token outside it can never be drafted.
+
+`save_eagle3_layout` also writes the head in the layout vLLM / SGLang load for EAGLE-3 drafts
+(field-by-field mapping in its docstring and docs/eagle3.md).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .dspark import MLP, RMSNorm, rope
+from .errors import DSparkError
+
+
+@dataclass
+class Eagle3Config:
+    target: str = ""                      # name of the target this head belongs to
+    target_hidden_size: int = 576
+    target_vocab_size: int = 49152
+    target_num_layers: int = 30
+    target_layer_ids: list = field(default_factory=lambda: [2, 15, 27])   # low / mid / high hidden_states indices
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    intermediate_size: int = 1536
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    gamma: int = 7                        # training-time-test steps (tokens drafted per anchor in training)
+    draft_vocab_size: int = 0             # 0 = the target's whole vocabulary
+    model_type: str = "eagle3"
+
+    def __post_init__(self):
+        if self.target_hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise DSparkError(f"draft heads {self.num_attention_heads}/{self.num_key_value_heads} do not divide "
+                              f"hidden size {self.target_hidden_size}: pick compatible head counts")
+        self.target_layer_ids = [int(i) for i in self.target_layer_ids]
+        if not self.target_layer_ids:
+            raise DSparkError("an EAGLE-3 head needs at least one target layer id (target_layer_ids)")
+        self.draft_vocab_size = int(self.draft_vocab_size or self.target_vocab_size)
+
+    @property
+    def kind(self) -> str:
+        return "eagle3"
+
+    @property
+    def head_dim(self) -> int:
+        return self.target_hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Eagle3Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"architectures"})
+        if unknown:
+            raise DSparkError(f"EAGLE-3 draft config has unknown keys {unknown}: is this an Eagle3Draft head folder?")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def eagle3_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's low / mid / high hidden_states indices: 2, L/2, L−3 (SmolLM2: 2, 15, 27), deduplicated."""
+    return sorted({min(max(i, 1), num_layers) for i in (2, num_layers // 2, num_layers - 3)})
+
+
+class Eagle3Attention(nn.Module):
+    """Grouped-query attention whose q/k/v read the 2·D-wide [embedding ; feature] input."""
+
+    def __init__(self, c: Eagle3Config):
+        super().__init__()
+        d, h, kv, hd = c.target_hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.h, self.kv, self.hd, self.theta = h, kv, hd, c.rope_theta
+        self.q_proj = nn.Linear(2 * d, h * hd, bias=False)
+        self.k_proj = nn.Linear(2 * d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(2 * d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+
+    def forward(self, x, pos, past, mask):
+        """x: (B, T, 2D) at positions pos (B, T); past: keys/values (B, P, kv, hd) or None;
+        mask: (B, T, P + T) bool, True = may attend → (B, T, D) and the new keys/values (B, T, kv, hd)."""
+        b, t, _ = x.shape
+        q = rope(self.q_proj(x).view(b, t, self.h, self.hd), pos, self.theta)
+        k = rope(self.k_proj(x).view(b, t, self.kv, self.hd), pos, self.theta)
+        v = self.v_proj(x).view(b, t, self.kv, self.hd)
+        ks, vs = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
+        rep = self.h // self.kv
+        ks = ks.transpose(1, 2).repeat_interleave(rep, 1)               # (B, h, P+T, hd)
+        vs = vs.transpose(1, 2).repeat_interleave(rep, 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class Eagle3Layer(nn.Module):
+    """EAGLE-3's `midlayer`: Llama layer with a second input norm; residual stream = the feature."""
+
+    def __init__(self, c: Eagle3Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.target_hidden_size, c.rms_norm_eps)    # on the token embedding
+        self.hidden_norm = RMSNorm(c.target_hidden_size, c.rms_norm_eps)        # on the feature
+        self.self_attn = Eagle3Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.target_hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, emb, hid, pos, past, mask):
+        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hid)], -1)   # (B, T, 2D)
+        a, kv = self.self_attn(x, pos, past, mask)
+        h = hid + a
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class Eagle3Draft(nn.Module):
+    """The draft head. Trainable: fc, midlayer, norm. Shared and frozen (attached, not saved): the
+    target's embedding and LM head (rows of the draft vocabulary)."""
+
+    def __init__(self, config: Eagle3Config, d2t: torch.Tensor | None = None):
+        super().__init__()
+        c = self.config = config
+        d, k = c.target_hidden_size, len(c.target_layer_ids)
+        self.fc = nn.Linear(k * d, d, bias=False)
+        self.midlayer = Eagle3Layer(c)
+        self.norm = RMSNorm(d, c.rms_norm_eps)
+        d2t = torch.arange(c.draft_vocab_size) if d2t is None else d2t.long()
+        if d2t.shape != (c.draft_vocab_size,) or int(d2t.max()) >= c.target_vocab_size or int(d2t.min()) < 0:
+            raise DSparkError(f"draft vocabulary map has shape {tuple(d2t.shape)} (ids {int(d2t.min())}..{int(d2t.max())}); "
+                              f"expected ({c.draft_vocab_size},) ids in 0..{c.target_vocab_size - 1}")
+        self.register_buffer("d2t", d2t)
+        t2d = torch.full((c.target_vocab_size,), c.draft_vocab_size, dtype=torch.long)
+        t2d[d2t] = torch.arange(c.draft_vocab_size)
+        self.register_buffer("t2d", t2d, persistent=False)
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)   # (V, D) target's
+        self.register_buffer("lm_weight", torch.empty(0), persistent=False)      # (Vd, D) target's rows
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    # ------------------------------------------------------------------ shared target parts
+    def attach(self, target) -> "Eagle3Draft":
+        """Share the target's frozen embedding and LM head (rows of the draft vocabulary)."""
+        c, m = self.config, target.model
+        if target.hidden_size != c.target_hidden_size or target.vocab_size != c.target_vocab_size:
+            raise DSparkError(
+                f"draft head was built for hidden size {c.target_hidden_size} / vocab {c.target_vocab_size} "
+                f"(target '{c.target}') but this target has {target.hidden_size} / {target.vocab_size}: "
+                "train a head for this target or pass the matching target")
+        bad = [i for i in c.target_layer_ids if not 0 <= i <= target.num_layers]
+        if bad:
+            raise DSparkError(f"target layer ids {bad} are out of range for a {target.num_layers}-layer target "
+                              f"(hidden_states indices 0..{target.num_layers})")
+        self.embed_weight = m.get_input_embeddings().weight.detach().to(self.device)
+        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(self.device, torch.float32)
+        return self
+
+    # ------------------------------------------------------------------ one layer, any number of positions
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Target token ids (…) → (…, D) frozen target embeddings."""
+        return F.embedding(ids, self.embed_weight).to(self.fc.weight.dtype)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """(…, k·H) concatenated target hidden states → (…, D) fused feature."""
+        return self.fc(feats.to(self.fc.weight.dtype))
+
+    def step(self, ids, hid, pos, past, mask):
+        """Draft entries for tokens ids (B, T) with features hid (B, T, D) at positions pos (B, T) over
+        cached keys/values past (B, P, kv, hd) or None; mask (B, T, P+T) → pre-norm states (B, T, D)
+        (each the next entry's feature) and the entries' keys/values."""
+        return self.midlayer(self.embed(ids), hid, pos, past, mask)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Pre-norm states (…, D) → draft-vocabulary logits (…, Vd)."""
+        h = self.norm(h)
+        return h @ self.lm_weight.t().to(h.dtype)
+
+    # ------------------------------------------------------------------ training: training-time test
+    def forward(self, feats, input_ids, anchors, ctx_valid, block_ids):
+        """Training-time test with anchor packing. feats (B, L, k·H) target states, input_ids (B, L),
+        anchors (B, A) positions n, ctx_valid (B, L), block_ids (B, A, γ) target ids x_n … x_{n+γ−1}
+        (the anchor, then the true next tokens) → draft logits (B, A, γ, Vd) for x_{n+1} … x_{n+γ}.
+
+        Step 1 is one causal pass over the whole sequence on the true features (entry n is the anchor's).
+        Step s ≥ 2 feeds every anchor's previous output back as the feature of x_{n+s−1}; its query sees
+        the true entries ≤ n and that anchor's own earlier speculative entries, as at run time."""
+        b, n_ctx = input_ids.shape
+        a, g = anchors.shape[1], block_ids.shape[-1]
+        dev = anchors.device
+        ctx_pos = torch.arange(n_ctx, device=dev).expand(b, -1)
+        hid = self.project(F.pad(feats, (0, 0, 1, 0))[:, :-1])                       # entry j: f_{j−1}
+        causal = torch.ones(n_ctx, n_ctx, dtype=torch.bool, device=dev).tril()
+        h, (k, v) = self.step(input_ids, hid, ctx_pos, None, causal[None] & ctx_valid[:, None, :])
+        h = h.gather(1, anchors[..., None].expand(-1, -1, h.shape[-1]))             # (B, A, D)
+        sees_ctx = (ctx_pos[:, None, :] <= anchors[:, :, None]) & ctx_valid[:, None, :]   # (B, A, L)
+        own = torch.eye(a, dtype=torch.bool, device=dev)
+        out = [self.logits(h)]
+        for s in range(1, g):
+            mask = torch.cat([sees_ctx, own.repeat(1, s).expand(b, -1, -1)], -1)    # (B, A, L + A·s)
+            h, (k_s, v_s) = self.step(block_ids[..., s], h, anchors + s, (k, v), mask)
+            k, v = torch.cat([k, k_s], 1), torch.cat([v, v_s], 1)
+            out.append(self.logits(h))
+        return torch.stack(out, -2)
+
+    # ------------------------------------------------------------------ Hugging Face style I/O
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = {"architectures": ["Eagle3Draft"], **asdict(self.config)}
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "Eagle3Draft":
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise DSparkError(f"{folder} is not a draft head folder (needs config.json + model.safetensors): "
+                              "run `dspark train draft=eagle3` first or pass head=<folder>")
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
+            arch = (raw.get("architectures") or ["Eagle3Draft"])[0]
+            if arch != "Eagle3Draft":
+                raise DSparkError(f"{folder / 'config.json'} names architecture '{arch}', not Eagle3Draft")
+            config = Eagle3Config.from_dict(raw)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise DSparkError(f"{folder / 'config.json'} is malformed ({e}): re-export the head") from None
+        try:
+            state = load_file(str(folder / "model.safetensors"))
+        except Exception as e:   # safetensors raises its own error type for a damaged file
+            raise DSparkError(f"{folder / 'model.safetensors'} is unreadable ({type(e).__name__}: {e}): "
+                              "re-export the head") from None
+        model = cls(config, d2t=state.get("d2t"))
+        try:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                  strict=True)
+        except RuntimeError as e:
+            raise DSparkError(f"{folder / 'model.safetensors'} does not match its config.json: "
+                              f"{str(e).splitlines()[0]}") from None
+        return model
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def save_eagle3_layout(head: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
+                       include_embedding: bool = False) -> None:
+    """Write an attached head in the EAGLE-3 checkpoint layout that vLLM and SGLang load
+    (`speculative_config={"method": "eagle3", "model": folder}`). UNTESTED in vLLM/SGLang (neither
+    runs on this machine): the layout follows their published EAGLE-3 checkpoints.
+
+    config.json                              ← Eagle3Config
+      architectures: ["LlamaForCausalLMEagle3"]   (our `Eagle3Draft`)
+      model_type: "llama", num_hidden_layers: 1, hidden_act: "silu", tie_word_embeddings: false
+      hidden_size, target_hidden_size        ← target_hidden_size
+      num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, rope_theta
+      vocab_size                             ← target_vocab_size
+      draft_vocab_size                       ← draft_vocab_size
+      eagle_config.eagle_aux_hidden_state_layer_ids ← target_layer_ids (HF hidden_states index i = the
+                                               input of decoder layer i, which is what vLLM captures)
+    model.safetensors                        ← state dict
+      fc.weight (D, k·D)                     ← fc.weight
+      midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight, midlayer.self_attn.
+      {q,k,v}_proj.weight (·, 2D), o_proj, midlayer.mlp.{gate,up,down}_proj.weight ← same names
+      norm.weight                            ← norm.weight
+      lm_head.weight (Vd, D)                 ← the target's LM-head rows d2t (shared at train time)
+      d2t (Vd,) int64 OFFSETS: target id = i + d2t[i]   ← our d2t[i] − i
+      t2d (V,) bool: token is in the draft vocabulary  ← derived from d2t
+      embed_tokens.weight (V, D)             ← the target's embedding, only with include_embedding
+                                               (engines otherwise share the target's)
+    Input order inside the layer is [input_layernorm(embedding) ; hidden_norm(feature)], as theirs."""
+    c = head.config
+    if head.lm_weight.numel() == 0:
+        raise DSparkError("attach the target first (head.attach(target)): the layout needs its LM-head rows")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(dtype).contiguous() for k, v in head.state_dict().items() if k != "d2t"}
+    state["lm_head.weight"] = head.lm_weight.to(dtype).contiguous()
+    if include_embedding:
+        state["embed_tokens.weight"] = head.embed_weight.to(dtype).contiguous()
+    d2t = head.d2t.cpu()
+    state["d2t"] = (d2t - torch.arange(c.draft_vocab_size)).contiguous()
+    t2d = torch.zeros(c.target_vocab_size, dtype=torch.bool)
+    t2d[d2t] = True
+    state["t2d"] = t2d
+    save_file({k: v.cpu() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+        "hidden_size": c.target_hidden_size, "target_hidden_size": c.target_hidden_size,
+        "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": 32768,
+        "vocab_size": c.target_vocab_size, "draft_vocab_size": c.draft_vocab_size, "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids), "use_aux_hidden_state": True},
+        "dspark_target": c.target,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
