@@ -17,19 +17,26 @@ import torch
 from tqdm import tqdm
 
 from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
+from dspark.inference.policy import make_policy
+from dspark.inference.profile import step_cost_profile
 from dspark.models.heads import load_head
 from dspark.models.errors import DSparkError
 from dspark.models.target import load_target
 
 from .prompts import load_prompts
+from .report import load_summary, markdown, write_plots
 
 KNOWN = ("plain", "oracle", "prompt_lookup", "hf_prompt_lookup", "hf_generate")
+POLICIES = ("all", "sched", "threshold")     # plus gamma<N>; applied to every trained head
 
 
 def run(cfg) -> dict:
     unknown = [m for m in cfg.methods if m not in KNOWN]
     if unknown:
         raise DSparkError(f"unknown bench method(s) {unknown}: choose from {list(KNOWN)}")
+    bad = [p for p in cfg.policies if p not in POLICIES and not (p.startswith("gamma") and p[5:].isdigit())]
+    if bad:
+        raise DSparkError(f"unknown verification policy {bad}: choose from {list(POLICIES)} or gamma<N>")
     out_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     target = load_target(cfg.target)
@@ -40,12 +47,13 @@ def run(cfg) -> dict:
     methods = {}
     reference = bench.plain_reference()
     for r in cfg.concurrency:
-        plain = reference if r == 1 else bench.measure("plain", r)
-        for name in ["plain"] + [m for m in cfg.methods if m != "plain"] + list(bench.heads):
+        plain = bench.measure("plain", r) if r != 1 or bench.level_size(r) != len(prompts) else reference
+        for name in bench.method_names():
             if name.startswith("hf_") and r != 1:
                 continue   # Hugging Face assisted generation serves one request at a time
             stats, outputs = (plain if name == "plain" else bench.measure(name, r))
             row = bench.row(stats, outputs, reference[1], plain[0])
+            row["concurrency"] = r
             methods[name if r == 1 else f"{name}@R{r}"] = row
     report = {
         "target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
@@ -55,8 +63,12 @@ def run(cfg) -> dict:
         "near_tie_margin": cfg.near_tie_margin, "seed": cfg.seed,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu threads={torch.get_num_threads()}"
                    + (f" {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "policies": list(cfg.policies), "step_cost": bench.cost.to_json() if bench.cost else None,
         "methods": methods,
     }
+    report["plots"] = write_plots(report, out_dir)
+    if len(cfg.concurrency) > 1:
+        report["load"] = load_summary(report)
     table = markdown(report)
     write_atomic(out_dir / "bench.json", json.dumps(report, indent=2))
     write_atomic(out_dir / "bench.md", table + "\n")
@@ -85,17 +97,38 @@ class Bench:
         self.heads = heads or {}
         self.streams: dict[int, list[int]] = {}
         self.margins: list[list[float]] = []
+        self.cost = None
+        if self.heads and any(p == "sched" for p in cfg.policies):
+            s = cfg.sched
+            self.cost = step_cost_profile(target, max(cfg.concurrency), cfg.gamma + 1, s.profile_dir,
+                                          context=s.profile_context, repeats=s.profile_repeats,
+                                          reprofile=s.reprofile)
+
+    def method_names(self) -> list[str]:
+        """plain, the configured drafter-free methods, then every trained head under every policy
+        (`dspark` = verify-all, `dspark+sched`, `dspark+threshold`, `dspark+gamma1`, …)."""
+        names = ["plain"] + [m for m in self.cfg.methods if m != "plain"]
+        for head in self.heads:
+            names += [head if p == "all" else f"{head}+{p}" for p in self.cfg.policies]
+        return names
+
+    def level_size(self, r: int) -> int:
+        """Prompts run at concurrency r: all, or max(r, prompts_per_level) when that is set."""
+        n = self.cfg.get("prompts_per_level")
+        return len(self.prompts) if not n else min(len(self.prompts), max(r, int(n)))
 
     def engine(self, name: str, record: bool = False) -> Engine:
         c = self.cfg
-        drafter = None
+        drafter, policy = None, None
+        head, _, policy_name = name.partition("+")
         if name == "oracle":
             drafter = OracleDrafter(self.target, streams=self.streams)
         elif name == "prompt_lookup":
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
-        elif name in self.heads:
-            drafter = drafter_for(self.heads[name], self.target, temperature=c.temperature, seed=c.seed)
-        return Engine(self.target, drafter, gamma=c.gamma, temperature=c.temperature, top_p=c.top_p,
+        elif head in self.heads:
+            drafter = drafter_for(self.heads[head], self.target, temperature=c.temperature, seed=c.seed)
+            policy = make_policy(policy_name or "all", self.cost, threshold=c.threshold, unit=c.sched.unit)
+        return Engine(self.target, drafter, policy=policy, gamma=c.gamma, temperature=c.temperature, top_p=c.top_p,
                       record_margins=record)
 
     def warm_up(self) -> None:
@@ -116,9 +149,10 @@ class Bench:
     def _batches(self, name: str, r: int, record: bool = False):
         engine = self.engine(name, record)
         total, outputs, states = Stats(gamma=max(self.cfg.gamma, 1)), [], []
-        bar = tqdm(range(0, len(self.prompts), r), desc=f"{name} R={r}", unit="batch", leave=False)
+        prompts = self.prompts if record else self.prompts[: self.level_size(r)]
+        bar = tqdm(range(0, len(prompts), r), desc=f"{name} R={r}", unit="batch", leave=False)
         for start in bar:
-            batch = self.prompts[start:start + r]
+            batch = prompts[start:start + r]
             if name == "oracle":   # the oracle's streams are keyed by prompt index
                 engine.drafter.streams = {i - start: self.streams[i] for i in range(start, start + len(batch))
                                           if i in self.streams}
@@ -168,30 +202,11 @@ class Bench:
                 j = next((k for k, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
                 margins.append(self.margins[i][j] if j < len(self.margins[i]) else float("inf"))
         s.update(identical_to_plain=not margins,
-                 exact_match_rate=1 - len(margins) / len(reference),
+                 exact_match_rate=1 - len(margins) / max(len(outputs), 1),
                  max_divergence_margin=max(margins) if margins else None,
                  divergences=len(margins),
                  divergences_all_near_ties=all(m <= self.cfg.near_tie_margin for m in margins))
         return s
-
-
-def markdown(report: dict) -> str:
-    head = ("| method | tok/s | decode tok/s | per-user tok/s | speedup vs plain | τ | accept rate | exact match "
-            "| max div. margin | ms/step draft / verify / other |\n|---|---|---|---|---|---|---|---|---|---|")
-    lines = [f"{report['target']} ({report['dtype']}), {report['prompts']} {report['prompt_set']} prompts, "
-             f"max_new_tokens {report['max_new_tokens']}, T={report['temperature']}, γ={report['gamma']}, "
-             f"{report['machine']}", "", head]
-    for name, m in report["methods"].items():
-        steps = max(m["target_forwards"], 1)
-        t = m["time_s"]
-        split = (f"{1e3 * t['draft'] / steps:.1f} / {1e3 * t['verify'] / steps:.1f} / {1e3 * t['other'] / steps:.1f}"
-                 if m["target_forwards"] else "–")
-        fmt = (lambda v, f: "–" if v is None else format(v, f))
-        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['decode_tokens_per_s']:.1f} | "
-                     f"{m['per_user_tokens_per_s']:.1f} | "
-                     f"{m['speedup_vs_plain']:.2f}× | {fmt(m['tau'], '.2f')} | {fmt(m['acceptance_rate'], '.2f')} | "
-                     f"{fmt(m['exact_match_rate'], '.2f')} | {fmt(m['max_divergence_margin'], '.3f')} | {split} |")
-    return "\n".join(lines)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -117,3 +117,11 @@ class SlotCache(Cache):
             gather = idx[:, None, :, None].expand(r, h, width, d).to(layer.keys.device)
             layer.replace(layer.keys.gather(2, gather), layer.values.gather(2, gather))
         self.valid = flags[:, s - width:].bool()
+
+    def truncate(self, n: int) -> None:
+        """Drop the last n slots of every row (used by the step-cost profiler)."""
+        for layer in self.layers:
+            if layer.is_initialized and layer.length:
+                layer.length -= n
+                layer.keys, layer.values = layer._k[:, :, : layer.length], layer._v[:, :, : layer.length]
+        self.valid = self.valid[:, :-n]

@@ -40,6 +40,7 @@ class Stats:
     t_uncharged: float = 0.0        # proposal time of a drafter that is not charged (oracle)
     wall: float = 0.0
     per_user_tps: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)     # (confidences, verified, accepted) per request-step, if recorded
 
     def __post_init__(self):
         self.attempts = [0] * max(self.gamma, 1)
@@ -53,6 +54,7 @@ class Stats:
         self.attempts = [a + b for a, b in zip(self.attempts, other.attempts)]
         self.accepts = [a + b for a, b in zip(self.accepts, other.accepts)]
         self.per_user_tps = self.per_user_tps + other.per_user_tps
+        self.blocks = self.blocks + other.blocks
 
     def summary(self) -> dict:
         charged = max(self.wall - self.t_uncharged, 1e-9)
@@ -90,7 +92,7 @@ class Engine:
 
     def __init__(self, target, drafter: Drafter | None = None, policy=None, gamma: int = 7,
                  temperature: float = 0.0, top_p: float = 1.0, compact_fraction: float = 0.2,
-                 record_margins: bool = False, record_logits: bool = False):
+                 record_margins: bool = False, record_logits: bool = False, record_blocks: bool = False):
         if temperature < 0 or not 0 < top_p <= 1:
             raise DSparkError(f"temperature must be >= 0 and top_p in (0, 1] (got {temperature}, {top_p})")
         self.target, self.drafter = target, drafter
@@ -99,6 +101,7 @@ class Engine:
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.compact_fraction = compact_fraction
         self.record_margins, self.record_logits = record_margins, record_logits
+        self.record_blocks = record_blocks
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -178,6 +181,7 @@ class Engine:
         t = time.perf_counter()
         limits = [max(0, min(self.gamma, s.remaining - 1)) for s in active]
         props = self.drafter.propose(active, limits)
+        self.policy.observe_draft_time(time.perf_counter() - t)
         lengths = self.policy.choose(active, props, limits)
         props = [Proposal(p.tokens[:n], None if p.probs is None else p.probs[:n],
                           None if p.confidences is None else p.confidences[:n])
@@ -220,6 +224,8 @@ class Engine:
             k, ln = accepted[i], len(props[i].tokens)
             stats.drafted += ln
             stats.accepted += k
+            if self.record_blocks and props[i].confidences is not None:
+                stats.blocks.append((props[i].confidences, ln, k))
             for j in range(min(k + 1, ln)):
                 stats.attempts[j] += 1
                 stats.accepts[j] += j < k

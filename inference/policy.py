@@ -1,17 +1,151 @@
 """Verification policies: how many of each request's drafted tokens the target verifies this step.
 
 A policy sees every active request's proposal (tokens, draft distributions, confidences) and the
-per-request limits, and returns a prefix length per request. Because it returns *prefix lengths*,
-a policy can never verify a position whose predecessor it cut. The confidence scheduler
-(hardware-aware prefix scheduling) plugs in here with the same `choose` signature.
+per-request limits, and returns a prefix length per request, so it can never verify a position
+whose predecessor it cut.
+
+Losslessness constrains *what a decision may look at*: whether position k of a request is verified
+may depend on that request's confidences c_1..c_k (functions of draft tokens before k) and on
+anything about other requests, but never on the request's draft tokens at or after k. Every
+policy here keeps that rule (tests/test_scheduler.py checks it).
+
+`ConfidenceScheduler` is the DSpark paper's hardware-aware prefix scheduler (Algorithm 1): with
+survival a_{r,j} = Π_{i≤j} c_{r,i}, start with every request verifying only its anchor, admit
+candidates in order and keep going while the expected throughput Θ = τ* / step_time improves;
+stop at the first non-improvement (the early stop is what keeps it lossless; a global search
+over all prefix sets is not). Two admission units:
+
+- `position`: one (r, j) at a time in order of decreasing a_{r,j} — the paper's walk, right for a
+  runtime whose step cost grows with the number of verified tokens B;
+- `column` (default here): block position j for every request at once, j = 1, 2, … — right for
+  our runtime, which pads every row to the widest (cost(R, T) depends on the widest row T, so a
+  position inside the current width is free and one beyond it widens every row).
+
+After the walk, `position` fills each row up to the chosen width: those slots are computed anyway,
+and the fill depends only on admitted positions, so it keeps the rule above.
 """
 from __future__ import annotations
 
 
-class VerifyAll:
+class Policy:
+    name = "policy"
+
+    def choose(self, states, proposals, limits) -> list[int]:
+        raise NotImplementedError
+
+    def observe_draft_time(self, seconds: float) -> None:
+        """The runtime reports each step's proposal time (used by cost-aware policies)."""
+
+
+class VerifyAll(Policy):
     """Verify every drafted token (up to the per-request limit)."""
 
     name = "all"
 
     def choose(self, states, proposals, limits) -> list[int]:
         return [min(len(p.tokens), lim) for p, lim in zip(proposals, limits)]
+
+
+class FixedLength(Policy):
+    """Verify at most n drafted tokens per step (n = 1: like MTP-1, one drafted token always)."""
+
+    def __init__(self, n: int = 1):
+        if n < 0:
+            raise ValueError("FixedLength needs n >= 0")
+        self.n, self.name = n, f"gamma{n}"
+
+    def choose(self, states, proposals, limits) -> list[int]:
+        return [min(len(p.tokens), lim, self.n) for p, lim in zip(proposals, limits)]
+
+
+def survival(proposal, limit: int) -> list[float]:
+    """a_j = Π_{i≤j} c_i over the first `limit` drafted positions (needs confidences)."""
+    conf = proposal.confidences
+    n = min(len(proposal.tokens), limit)
+    if n and conf is None:
+        raise ValueError("this policy needs a drafter that reports confidences (a trained DSpark/DFlash head)")
+    out, a = [], 1.0
+    for c in conf[:n] if n else []:
+        a *= min(max(float(c), 0.0), 1.0)
+        out.append(a)
+    return out
+
+
+class StaticThreshold(Policy):
+    """Verify the prefix whose cumulative survival a_j stays >= threshold (load-blind)."""
+
+    def __init__(self, threshold: float = 0.5):
+        if not 0 <= threshold <= 1:
+            raise ValueError("threshold must lie in [0, 1]")
+        self.threshold, self.name = threshold, "threshold"
+
+    def choose(self, states, proposals, limits) -> list[int]:
+        return [sum(1 for a in survival(p, lim) if a >= self.threshold) for p, lim in zip(proposals, limits)]
+
+
+class ConfidenceScheduler(Policy):
+    """Hardware-aware prefix scheduler. `step_cost(R, T)` → seconds of one verification step with R
+    rows of width T (anchor + drafts); the drafter's per-step time is added from the runtime's
+    reports (a running mean) unless `draft_cost` is given."""
+
+    name = "sched"
+
+    def __init__(self, step_cost, unit: str = "column", draft_cost: float | None = None):
+        if unit not in ("column", "position"):
+            raise ValueError(f"unknown admission unit '{unit}': column | position")
+        self.step_cost, self.unit = step_cost, unit
+        self.fixed_draft = draft_cost
+        self.draft_mean, self.draft_n = 0.0, 0
+
+    def observe_draft_time(self, seconds: float) -> None:
+        self.draft_n += 1
+        self.draft_mean += (seconds - self.draft_mean) / self.draft_n
+
+    def _theta(self, tau: float, r: int, width: int) -> float:
+        draft = self.fixed_draft if self.fixed_draft is not None else self.draft_mean
+        return tau / (self.step_cost(r, width) + draft)
+
+    def choose(self, states, proposals, limits) -> list[int]:
+        surv = [survival(p, lim) for p, lim in zip(proposals, limits)]
+        return (self._columns if self.unit == "column" else self._positions)(surv)
+
+    def _columns(self, surv: list[list[float]]) -> list[int]:
+        r = len(surv)
+        tau, width = float(r), 1
+        theta = self._theta(tau, r, width)
+        for j in range(max((len(s) for s in surv), default=0)):
+            gain = sum(s[j] for s in surv if len(s) > j)
+            new = self._theta(tau + gain, r, j + 2)
+            if not new > theta:
+                break
+            tau, width, theta = tau + gain, j + 2, new
+        return [min(len(s), width - 1) for s in surv]
+
+    def _positions(self, surv: list[list[float]]) -> list[int]:
+        r = len(surv)
+        order = sorted(((a, j, i) for i, s in enumerate(surv) for j, a in enumerate(s)),
+                       key=lambda t: (-t[0], t[1], t[2]))   # ties: earlier position first (prefixes)
+        tau, width = float(r), 1
+        theta = self._theta(tau, r, width)
+        for a, j, _ in order:
+            new_width = max(width, j + 2)
+            new = self._theta(tau + a, r, new_width)
+            if not new > theta:
+                break
+            tau, width, theta = tau + a, new_width, new
+        return [min(len(s), width - 1) for s in surv]    # fill: slots inside the width are computed anyway
+
+
+def make_policy(name: str, step_cost=None, threshold: float = 0.5, unit: str = "column") -> Policy:
+    """`all`, `sched`, `threshold` or `gammaN` (N drafted tokens at most, e.g. gamma1)."""
+    if name == "all":
+        return VerifyAll()
+    if name == "sched":
+        if step_cost is None:
+            raise ValueError("the scheduler needs a step-cost profile")
+        return ConfidenceScheduler(step_cost, unit=unit)
+    if name == "threshold":
+        return StaticThreshold(threshold)
+    if name.startswith("gamma") and name[5:].isdigit():
+        return FixedLength(int(name[5:]))
+    raise ValueError(f"unknown policy '{name}': all | sched | threshold | gamma<N>")

@@ -42,6 +42,29 @@ def test_bench_concurrency_rows(tmp_path):
     assert all(m["identical_to_plain"] for m in d["methods"].values())
 
 
+def test_bench_policies_under_load_with_a_trained_head(tmp_path, tiny_target):
+    """A head folder under every policy at R ∈ {1, 2}: lossless rows, the load summary against
+    gamma1, the frontier and per-position acceptance plots, and the cached step-cost profile."""
+    from conftest import tiny_head
+
+    tiny_head(tiny_target, "markov", draft_vocab=200).save_pretrained(tmp_path / "head")
+    out = tmp_path / "o"
+    r = dspark("bench", "target=tiny", f"output_dir={out}", f"head={tmp_path / 'head'}", "prompts.limit=2",
+               "max_new_tokens=16", "methods=[plain]", "policies=[all,sched,threshold,gamma1]", "concurrency=[1,2]",
+               f"sched.profile_dir={tmp_path / 'profiles'}", "gamma=5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((out / "bench.json").read_text())
+    for name in ("dspark", "dspark+sched", "dspark+threshold", "dspark+gamma1"):
+        assert name in d["methods"] and f"{name}@R2" in d["methods"], name
+    assert all(m["identical_to_plain"] for m in d["methods"].values())
+    assert d["methods"]["dspark+gamma1"]["verified_per_step"] <= 2.0 + 1e-9
+    assert d["load"]["baseline"] == "dspark+gamma1" and len(d["load"]["matched"]["rows"]) == 2
+    assert set(d["step_cost"]["table"]) == {"1", "2"} and len(list((tmp_path / "profiles").iterdir())) == 1
+    for png in ("frontier.png", "acceptance_by_position.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "matched aggregate throughput" in (out / "bench.md").read_text()
+
+
 def one_error_line(r, *needles):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and "it/s]" not in ln]
@@ -58,6 +81,7 @@ def one_error_line(r, *needles):
     (["prompts=jsonl"], ["prompts.path"]),
     (["not_a_key=1"], ["not_a_key"]),
     (["methods=[plain,warp]"], ["unknown bench method"]),
+    (["policies=[all,fastest]"], ["unknown verification policy", "fastest"]),
 ])
 def test_bad_input_one_clear_error(tmp_path, args, needles):
     out = tmp_path / "x"

@@ -1,0 +1,138 @@
+"""Bench reports: the Markdown tables, the load summary (throughput vs per-user speed) and the PNGs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    head = ("| method | tok/s | decode tok/s | per-user tok/s | speedup vs plain | τ | verified/step | accept rate "
+            "| exact match | max div. margin | ms/step draft / verify / other |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"{report['target']} ({report['dtype']}), {report['prompts']} {report['prompt_set']} prompts, "
+             f"max_new_tokens {report['max_new_tokens']}, T={report['temperature']}, γ={report['gamma']}, "
+             f"{report['machine']}", "", head]
+    for name, m in report["methods"].items():
+        steps = max(m["target_forwards"], 1)
+        t = m["time_s"]
+        split = (f"{1e3 * t['draft'] / steps:.1f} / {1e3 * t['verify'] / steps:.1f} / {1e3 * t['other'] / steps:.1f}"
+                 if m["target_forwards"] else "–")
+        verified = m["verified_per_step"] if m["target_forwards"] else None
+        lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['decode_tokens_per_s']:.1f} | "
+                     f"{m['per_user_tokens_per_s']:.1f} | {m['speedup_vs_plain']:.2f}× | {_fmt(m['tau'], '.2f')} | "
+                     f"{_fmt(verified, '.2f')} | {_fmt(m['acceptance_rate'], '.2f')} | "
+                     f"{_fmt(m['exact_match_rate'], '.2f')} | {_fmt(m['max_divergence_margin'], '.3f')} | {split} |")
+    load = report.get("load")
+    if load:
+        lines += ["", "Load: aggregate vs per-user tokens/s per concurrency R", "",
+                  "| method | " + " | ".join(f"R={r}" for r in load["levels"]) + " |",
+                  "|---|" + "---|" * len(load["levels"])]
+        for name, pts in load["curves"].items():
+            by_r = {p["concurrency"]: p for p in pts}
+            cells = [(f"{by_r[r]['aggregate']:.0f} / {by_r[r]['per_user']:.1f} (τ {_fmt(by_r[r]['tau'], '.2f')}, "
+                      f"{_fmt(by_r[r]['verified_per_step'], '.1f')} verified)") if r in by_r else "–"
+                     for r in load["levels"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if load.get("matched"):
+            base = load["baseline"]
+            lines += ["", f"Per-user tokens/s at matched aggregate throughput, relative to {base}", "",
+                      "| R of " + base + " | aggregate tok/s | " + " | ".join(load["matched"]["methods"]) + " |",
+                      "|---|---|" + "---|" * len(load["matched"]["methods"])]
+            for row in load["matched"]["rows"]:
+                cells = [_fmt(row["ratio"].get(m), ".2f") + ("×" if row["ratio"].get(m) is not None else "")
+                         for m in load["matched"]["methods"]]
+                lines.append(f"| {row['concurrency']} | {row['aggregate']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_summary(report: dict) -> dict:
+    """Per base method, its (aggregate, per-user) point at every concurrency; and, against the first
+    `…+gamma1` method (MTP-1-like), each method's per-user speed interpolated at the baseline's
+    aggregate throughput (None where the method's frontier does not reach that throughput)."""
+    curves: dict[str, list[dict]] = {}
+    for key, m in report["methods"].items():
+        if m.get("tau") is None:        # Hugging Face rows run at R=1 only
+            continue
+        base = key.split("@R")[0]
+        curves.setdefault(base, []).append({
+            "concurrency": m["concurrency"], "aggregate": m["tokens_per_s"], "per_user": m["per_user_tokens_per_s"],
+            "tau": m["tau"], "verified_per_step": m["verified_per_step"]})
+    levels = sorted({p["concurrency"] for pts in curves.values() for p in pts})
+    out = {"levels": levels, "curves": curves}
+    baseline = next((b for b in curves if b.endswith("+gamma1")), None)
+    if baseline:
+        others = [b for b in curves if b != baseline]
+        rows = []
+        for p in sorted(curves[baseline], key=lambda q: q["concurrency"]):
+            ratio = {}
+            for b in others:
+                u = per_user_at(curves[b], p["aggregate"])
+                ratio[b] = None if u is None else u / p["per_user"]
+            rows.append({"concurrency": p["concurrency"], "aggregate": p["aggregate"], "ratio": ratio})
+        out.update(baseline=baseline, matched={"methods": others, "rows": rows})
+    return out
+
+
+def per_user_at(points: list[dict], aggregate: float) -> float | None:
+    """Linear interpolation of per-user speed at an aggregate throughput along a method's curve."""
+    pts = sorted(points, key=lambda p: p["aggregate"])
+    for a, b in zip(pts, pts[1:]):
+        if a["aggregate"] <= aggregate <= b["aggregate"]:
+            w = (aggregate - a["aggregate"]) / max(b["aggregate"] - a["aggregate"], 1e-9)
+            return a["per_user"] + w * (b["per_user"] - a["per_user"])
+    if pts and abs(pts[0]["aggregate"] - aggregate) <= 1e-9 * max(aggregate, 1):
+        return pts[0]["per_user"]
+    return None
+
+
+def write_plots(report: dict, out_dir: Path) -> dict:
+    """acceptance_by_position.png (R=1 drafters) and, with several R, frontier.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    rows = {k: m for k, m in report["methods"].items()
+            if "@R" not in k and m.get("tau") is not None and m.get("drafted")}
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, m in rows.items():
+            acc = m["acceptance_by_position"]
+            ax.plot(range(1, len(acc) + 1), acc, "o-", ms=3, label=name)
+        ax.set_xlabel("block position k")
+        ax.set_ylabel("P(accept k | 1..k−1 accepted)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{report['target']} · {report['prompt_set']} · γ={report['gamma']}", fontsize=9)
+        ax.legend(fontsize=7)
+        paths["acceptance_by_position"] = _save(fig, out_dir / "acceptance_by_position.png")
+    levels = sorted({m.get("concurrency", 1) for m in report["methods"].values()})
+    if len(levels) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        curves = load_summary(report)["curves"]
+        for name, pts in curves.items():
+            pts = sorted(pts, key=lambda p: p["concurrency"])
+            ax.plot([p["aggregate"] for p in pts], [p["per_user"] for p in pts], "o-", ms=3, label=name)
+            for p in pts:
+                ax.annotate(f"R{p['concurrency']}", (p["aggregate"], p["per_user"]), fontsize=6)
+        ax.set_xlabel("aggregate tokens/s")
+        ax.set_ylabel("per-user tokens/s")
+        ax.set_title("throughput vs per-user speed (up and right is better)", fontsize=9)
+        ax.legend(fontsize=7)
+        paths["frontier"] = _save(fig, out_dir / "frontier.png")
+    return paths
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return str(path)
