@@ -1,4 +1,4 @@
-"""Load any trained draft head from its folder: `config.json` names the architecture."""
+"""Load any trained draft head from its folder or Hub repo id: `config.json` names the architecture."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from torch import nn
 from .dspark import DSparkDraft
 from .eagle3 import Eagle3Draft
 from .errors import DSparkError
+from .hub import resolve_head
 
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"DSparkDraft": DSparkDraft, "Eagle3Draft": Eagle3Draft}
 
@@ -27,6 +28,8 @@ def head_architecture(folder: str | Path) -> str:
     return arch
 
 
-def load_head(folder: str | Path) -> nn.Module:
-    """The head saved in `folder` (strict: config and weights must match)."""
+def load_head(ref: str | Path, revision: str | None = None) -> nn.Module:
+    """The head saved in folder `ref`, or in Hub repo `ref` (`user/name[@revision]`), resolved by
+    the one path of models/hub.py (strict: config and weights must match)."""
+    folder = resolve_head(ref, revision)
     return HEAD_CLASSES[head_architecture(folder)].from_pretrained(folder)
