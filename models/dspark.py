@@ -32,6 +32,8 @@ SEQUENTIAL_HEADS = ("markov", "rnn", "none")
 @dataclass
 class DSparkConfig:
     target: str = ""                      # name of the target this head belongs to
+    target_name_or_path: str = ""         # its Hub id or folder when known (written by dspark export)
+    target_revision: str = ""             # its Hub revision when known (written by dspark export)
     target_hidden_size: int = 576
     target_vocab_size: int = 49152
     target_num_layers: int = 30

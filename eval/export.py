@@ -1,0 +1,159 @@
+"""`dspark export`: a trained head → a Hub-ready folder, and optionally onto the Hub.
+
+The folder (default `<output_dir>/export`) holds `config.json` (the drafter config plus the target's
+id and revision), `model.safetensors` (bf16 unless `dtype=`), `README.md` (a model card written from
+the run's bench/train/calibrate/generate json) and `vllm/` (the same head in the vLLM speculators
+layout, untested). Nothing else: optimizer, scheduler, RNG and checkpoints stay in the run folder.
+The folder is built under a temporary name and renamed into place, so a failed or interrupted export
+never leaves a half-written one and a re-export replaces the old one whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dspark.models.dspark import DSparkDraft
+from dspark.models.errors import DSparkError
+from dspark.models.heads import load_head
+from dspark.models.hub import push_folder, resolve_head, speculators_layout, upload_plan, validate_repo_id
+from dspark.models.target import parse_dtype
+
+from . import model_card
+
+
+def run(cfg) -> dict:
+    out = Path(cfg.output_dir)
+    push = bool(cfg.push_to_hub or cfg.dry_run)
+    repo_id = validate_repo_id(cfg.repo_id) if push or cfg.repo_id else None
+    if push and not repo_id:
+        raise DSparkError("push_to_hub=true (or dry_run=true) needs repo_id=<user>/<name>")
+    dtype = parse_dtype(cfg.dtype)
+    folder = resolve_head(cfg.head)
+    head = load_head(folder)
+    target = target_identity(cfg, head)
+    results = {"bench": [b for b in (_read_json(p) for p in cfg.bench_files) if b],
+               "train": _read_json(cfg.train_json), "calibrate": _read_json(cfg.calibrate_json),
+               "generate": _read_json(cfg.generate_json)}
+    c = head.config
+    if isinstance(head, DSparkDraft):   # other heads (EAGLE-3) keep their config as trained
+        c.target_name_or_path = target["id"] or c.target_name_or_path
+        c.target_revision = target["revision"] or c.target_revision
+        temps = [p.get("temperature") for p in (results["calibrate"] or {}).get("positions") or []]
+        if not c.confidence_temperatures and temps and all(t is not None for t in temps):
+            c.confidence_temperatures = [float(t) for t in temps]
+
+    dest = Path(cfg.export_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or str(dest), vllm=cfg.vllm)
+        for p in [tmp, *tmp.rglob("*")]:   # mkdtemp and safetensors make private files; a Hub folder is public
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        _swap_into_place(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    plan = upload_plan(dest)
+    summary = {"head": str(cfg.head), "export_dir": str(dest), "dtype": str(cfg.dtype), "target": target["name"],
+               "target_id": target["id"], "target_revision": target["revision"], "files": plan,
+               "bytes": sum(f["bytes"] for f in plan),
+               "card_sources": {k: bool(v) for k, v in results.items()}, "repo_id": repo_id,
+               "dry_run": bool(cfg.dry_run), "pushed": None}
+    print(f"exported {c.kind} head ({summary['bytes'] / 1e6:.2f} MB, {cfg.dtype}) → {dest}")
+    for f in plan:
+        print(f"  {f['path']:<28} {f['bytes']:>12,d} bytes")
+    if cfg.dry_run:
+        print(f"dry run: would upload these {len(plan)} files to https://huggingface.co/{repo_id} (nothing sent)")
+        summary["upload_plan"] = plan
+    elif push:
+        summary["pushed"] = push_folder(dest, repo_id, private=bool(cfg.private), commit_message=cfg.commit_message)
+        print(f"pushed to {summary['pushed']}")
+    _write_atomic(out / "export.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.dtype,
+                 usage_ref: str, vllm: bool = True) -> None:
+    """config.json + model.safetensors + README.md (+ vllm/) of `head` into an empty `folder`."""
+    head.save_pretrained(folder, dtype=dtype)
+    check_round_trip(head, folder, dtype)
+    head_cfg = json.loads((folder / "config.json").read_text())
+    dtype_name = str(dtype).replace("torch.", "")
+    card_name = usage_ref.rstrip("/").split("/")[-1] if "/" in usage_ref and not Path(usage_ref).exists() \
+        else f"{target['name']}-{head.config.kind}-head"
+    (folder / "README.md").write_text(model_card.render(head_cfg, target, results, usage_ref, dtype_name, card_name,
+                                                        vllm=vllm and isinstance(head, DSparkDraft)))
+    if vllm and not isinstance(head, DSparkDraft):
+        print(f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: models/eagle3.py "
+              "save_eagle3_layout, which needs the target's LM head)")
+    elif vllm:
+        config, state = speculators_layout(head, target["id"] or target["name"], target["architectures"],
+                                           target["revision"], dtype)
+        (folder / "vllm").mkdir()
+        save_file(state, str(folder / "vllm" / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "vllm" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        rows = [f"- {b.get('prompt_set')}: τ {b['methods'][k]['tau']:.2f}, "
+                f"{b['methods'][k]['speedup_vs_plain']:.2f}× plain ({b.get('machine')})"
+                for b in results.get("bench") or [] for k in [head.config.kind]
+                if (b.get("methods") or {}).get(k, {}).get("tau") is not None]
+        (folder / "vllm" / "README.md").write_text(model_card.render_vllm(config, rows))
+
+
+def check_round_trip(head, folder: Path, dtype: torch.dtype) -> None:
+    """The written folder must load strictly into the same weights (cast to the export dtype)."""
+    back = type(head).from_pretrained(folder).state_dict()
+    for k, v in head.state_dict().items():
+        want = v.to(dtype).float() if v.is_floating_point() else v
+        if not torch.equal(back[k].to(want.device), want):
+            raise DSparkError(f"export check failed: {k} does not round-trip through {folder}")
+
+
+def target_identity(cfg, head) -> dict:
+    """The target the head belongs to: its name (as stages name it), Hub id, revision, source, and
+    the override that selects it on the command line. Refuses a head trained for another target."""
+    t = cfg.target
+    name = str(t.name_or_path).rstrip("/").split("/")[-1] if t.get("name_or_path") else t.name
+    if head.config.target and head.config.target != name:
+        raise DSparkError(f"head {cfg.head} was trained for target '{head.config.target}' but target is '{name}': "
+                          "pass the matching target=… (or target.name_or_path=…)")
+    known = (cfg.get("known_targets") or {}).get(t.name) or {}
+    hub_id = (cfg.get("target_id") or t.get("name_or_path") or known.get("id")
+              or getattr(head.config, "target_name_or_path", None))
+    source = (f"{t.gguf_package}/{t.gguf_file}" if t.get("gguf_file") and not t.get("name_or_path") else None)
+    cli = f"target.name_or_path={t.name_or_path}" if t.get("name_or_path") else (
+        None if t.name == "smollm2-135m" else f"target={t.name}")
+    revision = t.get("revision") or getattr(head.config, "target_revision", None)
+    return {"name": name, "id": hub_id or None, "revision": revision or None,
+            "architectures": list(known.get("architectures") or []), "source": source, "cli": cli}
+
+
+def _read_json(path) -> dict | None:
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DSparkError(f"{path} is not valid json ({e}): re-run the stage that writes it") from None
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Replace `dest` by the finished `tmp` (two renames; the old folder is removed last)."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-old-"))
+        os.replace(dest, old / dest.name)
+    os.replace(tmp, dest)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

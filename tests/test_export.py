@@ -1,0 +1,193 @@
+"""`dspark export`: the export loads back strictly with identical logits, the model card carries the
+run's measured numbers (and nothing made up), the dry-run upload plan lists exactly the folder and
+validates the repo id, and a local folder and a Hub id resolve through the same function (the Hub
+download is monkeypatched: no network)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_head
+from dspark.eval import export
+from dspark.models import heads, hub
+from dspark.models.errors import DSparkError
+from dspark.models.heads import load_head
+
+BENCH = {"target": "tiny", "dtype": "float32", "prompts": 3, "prompt_set": "humaneval", "max_new_tokens": 32,
+         "temperature": 0.0, "gamma": 5, "machine": "testbox 2 cpu", "policy": "verify_all",
+         "methods": {"plain": {"tokens_per_s": 41.25, "speedup_vs_plain": 1.0, "tau": 1.0, "exact_match_rate": 1.0},
+                     "dspark": {"tokens_per_s": 57.75, "speedup_vs_plain": 1.4, "tau": 2.3456,
+                                "exact_match_rate": 1.0}}}
+TRAIN = {"objective": "dspark", "draft": "tiny", "trainable_params": 53761, "draft_vocab_size": 150, "gamma": 5,
+         "steps": 321, "wall_s": 150.0, "processes": 1, "train_rows": 14, "val_rows": 2, "positions_per_s": 1357.8,
+         "val_tau": 1.8765, "val_tau_greedy": 1.6543, "val_loss": 1.111}
+GENERATE = {"prompts": 16, "heldout": 2, "tokens": 2048,
+            "settings": {"source": "sharegpt", "max_new_tokens": 128, "temperature": 0.0}}
+CALIBRATE = {"positions": [{"temperature": 1.25, "ece_before": 0.2468, "ece_after": 0.0135},
+                           {"temperature": 0.875, "ece_before": 0.1357, "ece_after": 0.0246}]}
+
+
+def features(target, ids):
+    with torch.no_grad():
+        hs = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return torch.cat([hs[i] for i in (2, 3)], -1)
+
+
+def make_run(tmp_path, target, calibrate=True):
+    """A run folder as the stages leave it: head/ + the stages' json files."""
+    head = tiny_head(target, "markov", draft_vocab=150).eval()
+    head.save_pretrained(tmp_path / "head")
+    for name, data in [("bench", BENCH), ("train", TRAIN), ("generate", GENERATE)] + (
+            [("calibrate", CALIBRATE)] if calibrate else []):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    return head
+
+
+def export_cfg(tmp_path, *overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="dspark.conf", version_base="1.3"):
+        return compose("export", overrides=["target=tiny", f"output_dir={tmp_path}", *overrides])
+
+
+def logits(head, target, ids):
+    ids_t = torch.tensor([ids])
+    args = (features(target, ids), ids_t, torch.tensor([[3, 11]]), torch.ones_like(ids_t, dtype=torch.bool),
+            ids_t[:, :head.config.gamma].expand(2, -1)[None])
+    with torch.no_grad():
+        return head(*args)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_round_trip_is_strict_and_exact(tiny_target, tiny_prompts, tmp_path, dtype):
+    head = make_run(tmp_path, tiny_target)
+    summary = export.run(export_cfg(tmp_path, f"dtype={dtype}"))
+    folder = tmp_path / "export"
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors", "vllm"]
+    assert [f["path"] for f in summary["files"]] == ["README.md", "config.json", "model.safetensors",
+                                                     "vllm/README.md", "vllm/config.json", "vllm/model.safetensors"]
+    back = load_head(folder).attach(tiny_target).eval()
+    want = head
+    if dtype == "bfloat16":   # the export is the head rounded to bf16: compare with exactly that
+        want = tiny_head(tiny_target, "markov", draft_vocab=150).eval()
+        want.load_state_dict({k: v.to(torch.bfloat16).float() if v.is_floating_point() else v
+                              for k, v in head.state_dict().items()})
+    for a, b in zip(logits(want, tiny_target, tiny_prompts[2]), logits(back, tiny_target, tiny_prompts[2])):
+        assert torch.equal(a, b)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["confidence_temperatures"] == [1.25, 0.875]        # from calibrate.json
+    assert config["target_layer_ids"] == head.config.target_layer_ids and config["gamma"] == 5
+    assert json.loads((tmp_path / "export.json").read_text())["files"] == summary["files"]
+
+
+def test_card_carries_the_measured_numbers_and_omits_missing_sections(tiny_target, tmp_path):
+    make_run(tmp_path, tiny_target, calibrate=False)
+    export.run(export_cfg(tmp_path))
+    card = (tmp_path / "export" / "README.md").read_text()
+    for number in ["2.35", "1.40×", "57.8", "1.877", "1.654", "321 steps", "2048 response tokens", "0.05M",
+                   "testbox 2 cpu", "verify_all"]:
+        assert number in card, number
+    assert card.startswith("---\nlibrary_name: dspark\n") and "speculative-decoding" in card
+    assert "value: 2.3456" in card and "value: 1.8765" in card          # Hub metadata metrics
+    assert "## Calibration" not in card                                   # no calibrate.json: no section
+    for bad in ["TODO", "placeholder", "nan", "None", "XX"]:
+        assert bad not in card, bad
+    assert "dspark bench head=" in card and "target=tiny" in card
+
+
+def test_card_calibration_table(tiny_target, tmp_path):
+    make_run(tmp_path, tiny_target)
+    export.run(export_cfg(tmp_path))
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "| 1 | 1.250 | 0.2468 | 0.0135 |" in card and "| 2 | 0.875 | 0.1357 | 0.0246 |" in card
+
+
+def test_vllm_layout(tiny_target, tmp_path):
+    from safetensors.torch import load_file
+
+    head = make_run(tmp_path, tiny_target)
+    export.run(export_cfg(tmp_path, "dtype=float32"))
+    v = tmp_path / "export" / "vllm"
+    config = json.loads((v / "config.json").read_text())
+    assert config["speculators_model_type"] == "dspark" and config["block_size"] == 5
+    assert config["speculators_config"]["verifier"]["name_or_path"] == "tiny"
+    assert config["transformer_layer_config"]["num_hidden_layers"] == 1
+    assert config["aux_hidden_state_layer_ids"] == [i - 1 for i in head.config.target_layer_ids]
+    w = load_file(str(v / "model.safetensors"))
+    assert torch.equal(w["fc.weight"], head.context_proj.weight)
+    assert torch.equal(w["markov_head.up_proj.weight"], head.chunk_head.up_proj.weight)
+    assert torch.equal(w["d2t"] + torch.arange(150), head.d2t) and int(w["t2d"].sum()) == 150
+    assert not any(k.startswith(("context_proj", "chunk_head", "embed_weight", "lm_weight")) for k in w)
+
+
+def test_dry_run_lists_exactly_the_upload_and_never_pushes(tiny_target, tmp_path, monkeypatch, capsys):
+    make_run(tmp_path, tiny_target)
+    monkeypatch.setattr(export, "push_folder", lambda *a, **k: pytest.fail("dry run must not push"))
+    summary = export.run(export_cfg(tmp_path, "dry_run=true", "repo_id=alice/tiny-dspark"))
+    on_disk = sorted(str(p.relative_to(tmp_path / "export")) for p in (tmp_path / "export").rglob("*") if p.is_file())
+    assert [f["path"] for f in summary["upload_plan"]] == on_disk
+    assert all(f["bytes"] == (tmp_path / "export" / f["path"]).stat().st_size for f in summary["upload_plan"])
+    out = capsys.readouterr().out
+    assert "would upload" in out and "alice/tiny-dspark" in out and "model.safetensors" in out
+    assert "dspark bench head=alice/tiny-dspark" in (tmp_path / "export" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["noslash", "a/b/c", "-alice/x", "alice/x-", "alice/a..b", "al ice/x", "alice/",
+                                 "alice/x.git", "alice/" + "x" * 97])
+def test_bad_repo_ids_are_refused_before_anything_is_written(tiny_target, tmp_path, bad):
+    make_run(tmp_path, tiny_target)
+    with pytest.raises(DSparkError, match="repo id"):
+        export.run(export_cfg(tmp_path, "push_to_hub=true", f"repo_id='{bad}'"))
+    assert not (tmp_path / "export").exists() and not (tmp_path / "export.json").exists()
+
+
+def test_hub_id_and_folder_take_the_same_path(tiny_target, tmp_path, monkeypatch):
+    make_run(tmp_path, tiny_target)
+    export.run(export_cfg(tmp_path))
+    folder = tmp_path / "export"
+    calls, resolved = [], []
+    monkeypatch.setattr(hub, "_download", lambda rid, rev: calls.append((rid, rev)) or str(folder))
+    real = heads.resolve_head
+    monkeypatch.setattr(heads, "resolve_head", lambda ref, rev=None: resolved.append(str(ref)) or real(ref, rev))
+    a = load_head(folder)
+    assert calls == [] and resolved == [str(folder)]                     # a folder: no download
+    b = load_head("alice/tiny-dspark@v1")
+    assert calls == [("alice/tiny-dspark", "v1")] and resolved[-1] == "alice/tiny-dspark@v1"
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+    with pytest.raises(DSparkError, match="neither a folder nor a Hub repo id"):
+        load_head(tmp_path / "missing" / "head")
+
+
+def test_offline_hub_id_gives_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DSparkError, match="nor in the local Hub cache"):
+        hub.resolve_head("nobody-here/no-such-head-7f3a")
+
+
+def test_reexport_replaces_whole_and_a_failure_keeps_the_old_one(tiny_target, tmp_path, monkeypatch):
+    make_run(tmp_path, tiny_target)
+    export.run(export_cfg(tmp_path))
+    (tmp_path / "export" / "stale.txt").write_text("old")
+    export.run(export_cfg(tmp_path))
+    assert not (tmp_path / "export" / "stale.txt").exists()
+    before = (tmp_path / "export" / "README.md").read_text()
+    monkeypatch.setattr(export.model_card, "render", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        export.run(export_cfg(tmp_path))
+    assert (tmp_path / "export" / "README.md").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
+
+
+def test_wrong_target_and_missing_head_fail_with_one_line(tiny_target, tmp_path):
+    make_run(tmp_path, tiny_target)
+    with pytest.raises(DSparkError, match="trained for target 'tiny'"):
+        export.run(export_cfg(tmp_path, "target=smollm2-135m"))
+    empty = tmp_path / "empty"
+    res = subprocess.run([sys.executable, "-m", "dspark", "export", "target=tiny", f"output_dir={empty}"],
+                         capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "dspark export: error:" in res.stderr
+    assert not empty.exists()
