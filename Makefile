@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
-	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dspark bench $(ARGS)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/dspark run $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/pytest -q
