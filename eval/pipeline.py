@@ -47,12 +47,13 @@ def run(cfg) -> dict:
     if unknown:
         raise DSparkError(f"unknown stage(s) {unknown} in stages=: choose from {list(STAGES)}")
     configs = {s: stage_config(cfg, s) for s in cfg.stages}   # all composed first: a bad override fails early
+    fingerprints = {s: fingerprint(c) for s, c in configs.items()}
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_json(out / "run.json") or {}
     record = {"output_dir": str(out), "target": cfg.target.name, "stages": {}}
     t_all = time.perf_counter()
     for stage in cfg.stages:
-        scfg, fp = configs[stage], fingerprint(configs[stage])
+        scfg, fp = configs[stage], fingerprints[stage]
         old_fp = ((previous.get("stages") or {}).get(stage) or {}).get("fingerprint")
         decision = DECIDE[stage](scfg, out, same=old_fp in (None, fp))
         t0 = time.perf_counter()
@@ -161,7 +162,12 @@ def _value(v) -> str:
 
 
 def fingerprint(scfg) -> str:
-    data = OmegaConf.to_container(scfg, resolve=True)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = OmegaConf.to_container(scfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise DSparkError(f"stage config incomplete: {str(e).splitlines()[0]}") from None
     data.pop("resume", None)   # resuming is how a stage runs, not what it computes
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
