@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,25 +53,32 @@ def run(cfg) -> dict:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
-        write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or str(dest), vllm=cfg.vllm)
+        notes = write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or str(dest), vllm=cfg.vllm)
+        plan = upload_plan(tmp)
+        summary = {"head": str(cfg.head), "export_dir": str(dest), "dtype": str(cfg.dtype), "target": target["name"],
+                   "target_id": target["id"], "target_revision": target["revision"], "files": plan,
+                   "bytes": sum(f["bytes"] for f in plan),
+                   "card_sources": {k: bool(v) for k, v in results.items()}, "repo_id": repo_id,
+                   "dry_run": bool(cfg.dry_run), "pushed": None}
+        # The report comes first and the finished folder lands after it, so the exported files are the
+        # newest thing this command leaves (a log of its output is never newer than the export).
+        for line in notes:
+            print(line)
+        print(f"exported {c.kind} head ({summary['bytes'] / 1e6:.2f} MB, {cfg.dtype}) → {dest}")
+        for f in plan:
+            print(f"  {f['path']:<28} {f['bytes']:>12,d} bytes")
+        if cfg.dry_run:
+            print(f"dry run: would upload these {len(plan)} files to https://huggingface.co/{repo_id} (nothing sent)")
+            summary["upload_plan"] = plan
+        sys.stdout.flush()
+        sys.stderr.flush()
         for p in [tmp, *tmp.rglob("*")]:   # mkdtemp and safetensors make private files; a Hub folder is public
             p.chmod(0o755 if p.is_dir() else 0o644)
+            os.utime(p)                    # the files carry the time the export was committed
         _swap_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    plan = upload_plan(dest)
-    summary = {"head": str(cfg.head), "export_dir": str(dest), "dtype": str(cfg.dtype), "target": target["name"],
-               "target_id": target["id"], "target_revision": target["revision"], "files": plan,
-               "bytes": sum(f["bytes"] for f in plan),
-               "card_sources": {k: bool(v) for k, v in results.items()}, "repo_id": repo_id,
-               "dry_run": bool(cfg.dry_run), "pushed": None}
-    print(f"exported {c.kind} head ({summary['bytes'] / 1e6:.2f} MB, {cfg.dtype}) → {dest}")
-    for f in plan:
-        print(f"  {f['path']:<28} {f['bytes']:>12,d} bytes")
-    if cfg.dry_run:
-        print(f"dry run: would upload these {len(plan)} files to https://huggingface.co/{repo_id} (nothing sent)")
-        summary["upload_plan"] = plan
-    elif push:
+    if push and not cfg.dry_run:
         summary["pushed"] = push_folder(dest, repo_id, private=bool(cfg.private), commit_message=cfg.commit_message)
         print(f"pushed to {summary['pushed']}")
     _write_atomic(out / "export.json", json.dumps(summary, indent=2))
@@ -78,8 +86,9 @@ def run(cfg) -> dict:
 
 
 def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.dtype,
-                 usage_ref: str, vllm: bool = True) -> None:
-    """config.json + model.safetensors + README.md (+ vllm/) of `head` into an empty `folder`."""
+                 usage_ref: str, vllm: bool = True) -> list[str]:
+    """config.json + model.safetensors + README.md (+ vllm/) of `head` into an empty `folder`;
+    returns notes to print."""
     head.save_pretrained(folder, dtype=dtype)
     check_round_trip(head, folder, dtype)
     head_cfg = json.loads((folder / "config.json").read_text())
@@ -89,9 +98,9 @@ def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.d
     (folder / "README.md").write_text(model_card.render(head_cfg, target, results, usage_ref, dtype_name, card_name,
                                                         vllm=vllm and isinstance(head, DSparkDraft)))
     if vllm and not isinstance(head, DSparkDraft):
-        print(f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: models/eagle3.py "
-              "save_eagle3_layout, which needs the target's LM head)")
-    elif vllm:
+        return [f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: models/eagle3.py "
+                "save_eagle3_layout, which needs the target's LM head)"]
+    if vllm:
         config, state = speculators_layout(head, target["id"] or target["name"], target["architectures"],
                                            target["revision"], dtype)
         (folder / "vllm").mkdir()
@@ -101,7 +110,12 @@ def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.d
                 f"{b['methods'][k]['speedup_vs_plain']:.2f}× plain ({b.get('machine')})"
                 for b in results.get("bench") or [] for k in [head.config.kind]
                 if (b.get("methods") or {}).get(k, {}).get("tau") is not None]
+        t = results.get("train") or {}
+        if t.get("val_tau") is not None:
+            rows.append(f"- held-out validation during training: expected τ {t['val_tau']:.3f}"
+                        + (f", greedy τ {t['val_tau_greedy']:.3f}" if t.get("val_tau_greedy") is not None else ""))
         (folder / "vllm" / "README.md").write_text(model_card.render_vllm(config, rows))
+    return []
 
 
 def check_round_trip(head, folder: Path, dtype: torch.dtype) -> None:

@@ -191,3 +191,17 @@ def test_wrong_target_and_missing_head_fail_with_one_line(tiny_target, tmp_path)
                          capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "dspark export: error:" in res.stderr
     assert not empty.exists()
+
+
+def test_exported_files_are_newer_than_the_commands_output(tiny_target, tmp_path):
+    """Report first, then the folder lands: a log of the command is never newer than the export
+    (how the contract check tells a fresh export from one left by an earlier run)."""
+    make_run(tmp_path, tiny_target)
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "dspark", "export", "target=tiny", f"output_dir={tmp_path}"],
+                             stdout=f, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items()
+                                                                      if k != "PYTHONUNBUFFERED"})
+    assert res.returncode == 0 and "exported dspark head" in log.read_text()
+    files = [p for p in (tmp_path / "export").rglob("*") if p.is_file()]
+    assert len(files) == 6 and all(p.stat().st_mtime_ns >= log.stat().st_mtime_ns for p in files)
