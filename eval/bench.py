@@ -3,7 +3,8 @@
 Plain decoding at R=1 runs first and is the reference: every other method's outputs are compared
 with it token for token (DESIGN §5: in bf16 a divergence is legitimate only at a near-tie of the
 plain run's top-1/top-2 logits, so each divergence's margin is reported). Speedups are ratios of
-tokens/s measured in this run against plain decoding at the same concurrency R.
+tokens/s measured in this run against plain decoding at the same concurrency R; the methods run
+interleaved batch by batch, so a shared machine's drifting load cannot favour one of them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, 
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
 from dspark.models.heads import load_head
+from dspark.models.hub import is_repo_ref
 from dspark.models.errors import DSparkError
 from dspark.models.target import load_target
 
@@ -47,12 +49,12 @@ def run(cfg) -> dict:
     methods = {}
     reference = bench.plain_reference()
     for r in cfg.concurrency:
-        plain = bench.measure("plain", r) if r != 1 or bench.level_size(r) != len(prompts) else reference
-        for name in bench.method_names():
-            if name.startswith("hf_") and r != 1:
-                continue   # Hugging Face assisted generation serves one request at a time
-            stats, outputs = (plain if name == "plain" else bench.measure(name, r))
-            row = bench.row(stats, outputs, reference[1], plain[0])
+        # Hugging Face assisted generation serves one request at a time
+        names = [n for n in bench.method_names() if r == 1 or not n.startswith("hf_")]
+        measured = bench.measure_level(names, r)
+        for name in names:
+            stats, outputs = measured[name]
+            row = bench.row(stats, outputs, reference[1], measured["plain"][0])
             row["concurrency"] = r
             methods[name if r == 1 else f"{name}@R{r}"] = row
     report = {
@@ -79,10 +81,19 @@ def run(cfg) -> dict:
     return {"best_speedup": best}
 
 
+RELEASED = Path(__file__).resolve().parents[1] / "heads"     # committed heads (a source checkout)
+
+
 def trained_heads(cfg) -> dict:
-    """Method name → head: `head` (default <output_dir>/head, used when present) and every folder in
+    """Method name → head: `head` (default <output_dir>/head, used when present; else, with
+    `released_head=true`, the committed head for this target under heads/) and every folder in
     `extra_heads` (must exist). Named by kind (dspark / dflash), plus the folder name on a clash."""
-    folders = ([cfg.head] if cfg.head and (Path(cfg.head) / "config.json").is_file() else []) + list(cfg.extra_heads)
+    head = cfg.head
+    local = Path(str(head)).expanduser()
+    if head and not local.is_dir() and (local.parent.is_dir() or not is_repo_ref(head)):   # no trained head yet
+        released = RELEASED / cfg.target.name
+        head = str(released) if cfg.get("released_head") and (released / "config.json").is_file() else None
+    folders = ([head] if head else []) + list(cfg.extra_heads)
     heads = {}
     for folder in folders:
         head = load_head(folder)
@@ -135,35 +146,47 @@ class Bench:
         Engine(self.target).generate(self.prompts[:1], 4)
 
     def plain_reference(self):
-        stats, outputs, states = self._batches("plain", 1, record=True)
+        """Plain greedy over every prompt at R=1, recording logit margins: what every row is compared with."""
+        engine = self.engine("plain", record=True)
+        stats, outputs, states = Stats(gamma=max(self.cfg.gamma, 1)), [], []
+        for start in tqdm(range(len(self.prompts)), desc="plain reference", unit="prompt", leave=False):
+            res = self._generate(engine, "plain", self.prompts[start:start + 1], start)
+            stats.absorb(res.stats)
+            outputs += res.outputs
+            states += res.states
         self.margins = [s.margins for s in states]
         self.streams = {i: list(o) for i, o in enumerate(outputs)}
         return stats, outputs
 
-    def measure(self, name: str, r: int):
-        if name.startswith("hf_"):
-            return self._hf(name)
-        stats, outputs, _ = self._batches(name, r)
-        return stats, outputs
-
-    def _batches(self, name: str, r: int, record: bool = False):
-        engine = self.engine(name, record)
-        total, outputs, states = Stats(gamma=max(self.cfg.gamma, 1)), [], []
-        prompts = self.prompts if record else self.prompts[: self.level_size(r)]
-        bar = tqdm(range(0, len(prompts), r), desc=f"{name} R={r}", unit="batch", leave=False)
-        for start in bar:
+    def measure_level(self, names: list[str], r: int) -> dict:
+        """Every method at concurrency r, interleaved batch by batch (each batch of prompts runs under
+        every method before the next batch starts), so load that drifts during the run hits all
+        methods alike and the ratios stay fair. Returns name → (Stats, outputs in prompt order)."""
+        engines = {n: None if n.startswith("hf_") else self.engine(n) for n in names}
+        out = {n: (Stats(gamma=max(self.cfg.gamma, 1)), []) for n in names}
+        prompts = self.prompts[: self.level_size(r)]
+        for start in tqdm(range(0, len(prompts), r), desc=f"R={r}: {len(names)} methods", unit="batch"):
             batch = prompts[start:start + r]
-            if name == "oracle":   # the oracle's streams are keyed by prompt index
-                engine.drafter.streams = {i - start: self.streams[i] for i in range(start, start + len(batch))
-                                          if i in self.streams}
-            res = engine.generate(batch, self.cfg.max_new_tokens, seed=self.cfg.seed + start,
-                                  eos_token_ids=[] if self.cfg.ignore_eos else None)
-            total.absorb(res.stats)
-            outputs += res.outputs
-            states += res.states
-        return total, outputs, states
+            for n in names:
+                stats, outputs = out[n]
+                if n.startswith("hf_"):
+                    s, o = self._hf(n, batch)
+                    stats.absorb(s)
+                    outputs += o
+                    continue
+                res = self._generate(engines[n], n, batch, start)
+                stats.absorb(res.stats)
+                outputs += res.outputs
+        return out
 
-    def _hf(self, name: str):
+    def _generate(self, engine: Engine, name: str, batch: list[list[int]], start: int):
+        if name == "oracle":   # the oracle's streams are keyed by prompt index
+            engine.drafter.streams = {i - start: self.streams[i] for i in range(start, start + len(batch))
+                                      if i in self.streams}
+        return engine.generate(batch, self.cfg.max_new_tokens, seed=self.cfg.seed + start,
+                               eos_token_ids=[] if self.cfg.ignore_eos else None)
+
+    def _hf(self, name: str, prompts: list[list[int]]):
         """Hugging Face `generate` (plain, or prompt lookup) one prompt at a time: the outside baseline."""
         c, model = self.cfg, self.target.model
         stats, outputs = Stats(gamma=max(c.gamma, 1)), []
@@ -174,7 +197,7 @@ class Bench:
                   else dict(do_sample=False))
         if name == "hf_prompt_lookup":
             kw["prompt_lookup_num_tokens"] = c.gamma
-        for p in tqdm(self.prompts, desc=name, unit="prompt", leave=False):
+        for p in prompts:
             ids = torch.tensor([p], device=self.target.device)
             t = time.perf_counter()
             with torch.no_grad():

@@ -40,6 +40,11 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return rid, (rev or None)
 
 
+def is_repo_ref(ref) -> bool:
+    """Whether `ref` reads as a Hub repo id (`user/name[@rev]`) rather than a path."""
+    return bool(_REPO_ID.match(split_ref(str(ref))[0])) and not str(ref).startswith((".", "/", "~"))
+
+
 def resolve_head(ref: str | Path, revision: str | None = None) -> Path:
     """A local folder holding the head `ref` names: `ref` itself when it is a folder, else the Hub
     snapshot of repo id `ref` (at `revision` or the `@rev` suffix)."""

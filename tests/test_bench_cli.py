@@ -137,3 +137,21 @@ def test_multirun_jobs_get_their_own_folders(tmp_path):
     assert len(found) == 2 and found[0].startswith("gamma=1") and found[1].startswith("gamma=3")
     taus = [json.loads(p.read_text())["methods"]["oracle"]["tau"] for p in sorted(out.rglob("bench.json"))]
     assert taus[0] < taus[1]
+
+
+def test_bench_falls_back_to_the_released_head(tmp_path, tiny_target, monkeypatch):
+    """No head in output_dir: bench uses heads/<target> (the committed release); none there: no head."""
+    from omegaconf import OmegaConf
+
+    import dspark.eval.bench as bench
+    from conftest import tiny_head
+
+    cfg = OmegaConf.create({"head": str(tmp_path / "out" / "head"), "extra_heads": [], "released_head": True,
+                            "target": {"name": "tiny"}})
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(bench, "RELEASED", tmp_path / "heads")
+    assert bench.trained_heads(cfg) == {}
+    tiny_head(tiny_target, "none").save_pretrained(tmp_path / "heads" / "tiny")
+    assert list(bench.trained_heads(cfg)) == ["dflash"]
+    cfg.released_head = False
+    assert bench.trained_heads(cfg) == {}
