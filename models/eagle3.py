@@ -93,13 +93,17 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(2 * d, kv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
+    def kv_of(self, x, pos):
+        """Keys (rotated) and values of inputs x (B, N, 2D) at positions pos (B, N) → 2 × (B, N, kv, hd)."""
+        b, n, _ = x.shape
+        return rope(self.k_proj(x).view(b, n, self.kv, self.hd), pos, self.theta), self.v_proj(x).view(b, n, self.kv, self.hd)
+
     def forward(self, x, pos, past, mask):
         """x: (B, T, 2D) at positions pos (B, T); past: keys/values (B, P, kv, hd) or None;
         mask: (B, T, P + T) bool, True = may attend → (B, T, D) and the new keys/values (B, T, kv, hd)."""
         b, t, _ = x.shape
         q = rope(self.q_proj(x).view(b, t, self.h, self.hd), pos, self.theta)
-        k = rope(self.k_proj(x).view(b, t, self.kv, self.hd), pos, self.theta)
-        v = self.v_proj(x).view(b, t, self.kv, self.hd)
+        k, v = self.kv_of(x, pos)
         ks, vs = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
         rep = self.h // self.kv
         ks = ks.transpose(1, 2).repeat_interleave(rep, 1)               # (B, h, P+T, hd)
@@ -119,9 +123,11 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.target_hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
+    def inputs(self, emb, hid):
+        return torch.cat([self.input_layernorm(emb), self.hidden_norm(hid)], -1)   # (B, T, 2D)
+
     def forward(self, emb, hid, pos, past, mask):
-        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hid)], -1)   # (B, T, 2D)
-        a, kv = self.self_attn(x, pos, past, mask)
+        a, kv = self.self_attn(self.inputs(emb, hid), pos, past, mask)
         h = hid + a
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -195,22 +201,22 @@ class Eagle3Draft(nn.Module):
         anchors (B, A) positions n, ctx_valid (B, L), block_ids (B, A, γ) target ids x_n … x_{n+γ−1}
         (the anchor, then the true next tokens) → draft logits (B, A, γ, Vd) for x_{n+1} … x_{n+γ}.
 
-        Step 1 is one causal pass over the whole sequence on the true features (entry n is the anchor's).
-        Step s ≥ 2 feeds every anchor's previous output back as the feature of x_{n+s−1}; its query sees
-        the true entries ≤ n and that anchor's own earlier speculative entries, as at run time."""
+        The true entries' keys/values are computed once for the whole sequence (the layer's output is
+        needed only at the anchors). Step s (0-based) runs the anchors' queries only: the entry of
+        x_{n+s}, whose feature is the true f_{n−1} at s = 0 and the anchor's previous output after, sees
+        the true entries < n and that anchor's own entries of steps 0…s, as at run time."""
         b, n_ctx = input_ids.shape
         a, g = anchors.shape[1], block_ids.shape[-1]
         dev = anchors.device
         ctx_pos = torch.arange(n_ctx, device=dev).expand(b, -1)
         hid = self.project(F.pad(feats, (0, 0, 1, 0))[:, :-1])                       # entry j: f_{j−1}
-        causal = torch.ones(n_ctx, n_ctx, dtype=torch.bool, device=dev).tril()
-        h, (k, v) = self.step(input_ids, hid, ctx_pos, None, causal[None] & ctx_valid[:, None, :])
-        h = h.gather(1, anchors[..., None].expand(-1, -1, h.shape[-1]))             # (B, A, D)
-        sees_ctx = (ctx_pos[:, None, :] <= anchors[:, :, None]) & ctx_valid[:, None, :]   # (B, A, L)
+        k, v = self.midlayer.self_attn.kv_of(self.midlayer.inputs(self.embed(input_ids), hid), ctx_pos)
+        h = hid.gather(1, anchors[..., None].expand(-1, -1, hid.shape[-1]))         # (B, A, D) f_{n−1}
+        sees_ctx = (ctx_pos[:, None, :] < anchors[:, :, None]) & ctx_valid[:, None, :]    # (B, A, L)
         own = torch.eye(a, dtype=torch.bool, device=dev)
-        out = [self.logits(h)]
-        for s in range(1, g):
-            mask = torch.cat([sees_ctx, own.repeat(1, s).expand(b, -1, -1)], -1)    # (B, A, L + A·s)
+        out = []
+        for s in range(g):
+            mask = torch.cat([sees_ctx, own.repeat(1, s + 1).expand(b, -1, -1)], -1)   # (B, A, L + A·(s+1))
             h, (k_s, v_s) = self.step(block_ids[..., s], h, anchors + s, (k, v), mask)
             k, v = torch.cat([k, k_s], 1), torch.cat([v, v_s], 1)
             out.append(self.logits(h))
