@@ -176,7 +176,7 @@ class Engine:
         return self.drafter is not None and bool(self.drafter.feature_layers)
 
     def _propose(self, active, stats: Stats) -> list[Proposal]:
-        if self.drafter is None:
+        if self.drafter is None or not self.policy.wants_draft(active):
             return [Proposal(tokens=[]) for _ in active]
         t = time.perf_counter()
         limits = [max(0, min(self.gamma, s.remaining - 1)) for s in active]

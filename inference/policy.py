@@ -36,6 +36,11 @@ class Policy:
     def observe_draft_time(self, seconds: float) -> None:
         """The runtime reports each step's proposal time (used by cost-aware policies)."""
 
+    def wants_draft(self, states) -> bool:
+        """Asked before proposing: False makes this a plain step (no drafting cost). Lossless as long
+        as the answer depends only on earlier steps."""
+        return True
+
 
 class VerifyAll(Policy):
     """Verify every drafted token (up to the per-request limit)."""
@@ -90,12 +95,29 @@ class ConfidenceScheduler(Policy):
 
     name = "sched"
 
-    def __init__(self, step_cost, unit: str = "column", draft_cost: float | None = None):
+    def __init__(self, step_cost, unit: str = "column", draft_cost: float | None = None, max_skip: int = 16):
         if unit not in ("column", "position"):
             raise ValueError(f"unknown admission unit '{unit}': column | position")
         self.step_cost, self.unit = step_cost, unit
         self.fixed_draft = draft_cost
         self.draft_mean, self.draft_n = 0.0, 0
+        self.max_skip, self.misses, self.skip = max_skip, 0, 0
+
+    def wants_draft(self, states) -> bool:
+        """Back off from drafting while it does not pay: when the best plan of a step (drafting cost
+        included) was slower than a plain step, skip drafting for the next 1, 2, 4, … (≤ max_skip)
+        steps, then probe again. Depends only on past steps, so it keeps decoding lossless."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def _account(self, theta: float, r: int) -> None:
+        if theta < r / self.step_cost(r, 1):          # a plain step would have been faster
+            self.misses += 1
+            self.skip = min(2 ** (self.misses - 1), self.max_skip)
+        else:
+            self.misses = 0
 
     def observe_draft_time(self, seconds: float) -> None:
         self.draft_n += 1
@@ -119,6 +141,7 @@ class ConfidenceScheduler(Policy):
             if not new > theta:
                 break
             tau, width, theta = tau + gain, j + 2, new
+        self._account(theta, r)
         return [min(len(s), width - 1) for s in surv]
 
     def _positions(self, surv: list[list[float]]) -> list[int]:
@@ -133,6 +156,7 @@ class ConfidenceScheduler(Policy):
             if not new > theta:
                 break
             tau, width, theta = tau + a, new_width, new
+        self._account(theta, r)
         return [min(len(s), width - 1) for s in surv]    # fill: slots inside the width are computed anyway
 
 

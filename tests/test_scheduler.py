@@ -211,3 +211,27 @@ def test_profile_is_cached_per_machine_target_dtype(tiny_target, tmp_path, monke
         step_cost_profile(tiny_target, 2, 3, tmp_path, context=16, repeats=1, reprofile=True)
     with pytest.raises(AssertionError):
         step_cost_profile(tiny_target, 4, 3, tmp_path, context=16, repeats=1)
+
+
+def test_scheduler_backs_off_from_drafting_that_does_not_pay(tiny_target, tiny_prompts, plain_outputs):
+    cost = table_cost({1: [1.0, 1.5, 2.0]})
+    sched = ConfidenceScheduler(cost, draft_cost=5.0)      # drafting costs 5 plain steps: never pays
+    pattern = []
+    for _ in range(3):
+        assert sched.wants_draft([None])
+        choose(sched, [[0.9, 0.9]])
+        skipped = 0
+        while not sched.wants_draft([None]):
+            skipped += 1
+        pattern.append(skipped)
+    assert pattern == [1, 2, 4]                              # exponential back-off, then a probe
+    cheap = ConfidenceScheduler(cost, draft_cost=0.0)
+    choose(cheap, [[0.9, 0.9]])
+    assert cheap.wants_draft([None])
+    # in the engine: far fewer drafting steps, same greedy output
+    head = tiny_head(tiny_target, "markov", draft_vocab=200)
+    res = Engine(tiny_target, DSparkDrafter(head, tiny_target), gamma=5,
+                 policy=ConfidenceScheduler(tiny_cost(), draft_cost=100.0)).generate(tiny_prompts, 30)
+    every = Engine(tiny_target, DSparkDrafter(head, tiny_target), gamma=5).generate(tiny_prompts, 30)
+    assert res.outputs == plain_outputs
+    assert res.summary()["drafted"] < 0.6 * every.summary()["drafted"]
