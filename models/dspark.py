@@ -15,16 +15,14 @@ never be drafted, so verification counts it as a rejection.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import DSparkError
+from .head_io import HeadIO
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
 
@@ -187,9 +185,11 @@ class RNNHead(nn.Module):
         return self.up_proj(state), state
 
 
-class DSparkDraft(nn.Module):
+class DSparkDraft(HeadIO, nn.Module):
     """The draft head. Trainable: context projection, backbone, mask embedding, sequential head,
     confidence head. Shared and frozen (attached, not saved): the target's embedding and LM head."""
+
+    config_class = DSparkConfig
 
     def __init__(self, config: DSparkConfig, d2t: torch.Tensor | None = None):
         super().__init__()
@@ -339,38 +339,6 @@ class DSparkDraft(nn.Module):
             confs.append(torch.sigmoid(c.float() / self.confidence_temperature(k)))
             prev_ids = tok
         return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None, torch.stack(confs, 1)
-
-    # ------------------------------------------------------------------ Hugging Face style I/O
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        cfg = {"architectures": ["DSparkDraft"], **asdict(self.config)}
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "DSparkDraft":
-        folder = Path(folder)
-        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-            raise DSparkError(f"{folder} is not a draft head folder (needs config.json + model.safetensors): "
-                              "run `dspark train` first or pass head=<folder>")
-        try:
-            config = DSparkConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise DSparkError(f"{folder / 'config.json'} is malformed ({e}): re-export the head") from None
-        state = load_file(str(folder / "model.safetensors"))
-        model = cls(config, d2t=state.get("d2t"))
-        try:
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                                  strict=True)
-        except RuntimeError as e:
-            raise DSparkError(f"{folder / 'model.safetensors'} does not match its config.json: "
-                              f"{str(e).splitlines()[0]}") from None
-        return model
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 def default_layer_ids(num_layers: int, k: int = 5) -> list[int]:

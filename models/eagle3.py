@@ -22,16 +22,17 @@ the LM-head cost; a target token outside it can never be drafted.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .dspark import MLP, RMSNorm, rope
 from .errors import DSparkError
+from .head_io import HeadIO
 
 
 @dataclass
@@ -132,9 +133,11 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
 
-class Eagle3Draft(nn.Module):
+class Eagle3Draft(HeadIO, nn.Module):
     """The draft head. Trainable: fc, midlayer, norm. Shared and frozen (attached, not saved): the
     target's embedding and LM head (rows of the draft vocabulary)."""
+
+    config_class = Eagle3Config
 
     def __init__(self, config: Eagle3Config, d2t: torch.Tensor | None = None):
         super().__init__()
@@ -221,48 +224,6 @@ class Eagle3Draft(nn.Module):
             k, v = torch.cat([k, k_s], 1), torch.cat([v, v_s], 1)
             out.append(self.logits(h))
         return torch.stack(out, -2)
-
-    # ------------------------------------------------------------------ Hugging Face style I/O
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        cfg = {"architectures": ["Eagle3Draft"], **asdict(self.config)}
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Eagle3Draft":
-        folder = Path(folder)
-        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-            raise DSparkError(f"{folder} is not a draft head folder (needs config.json + model.safetensors): "
-                              "run `dspark train draft=eagle3` first or pass head=<folder>")
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-            if not isinstance(raw, dict):
-                raise TypeError("not a JSON object")
-            arch = (raw.get("architectures") or ["Eagle3Draft"])[0]
-            if arch != "Eagle3Draft":
-                raise DSparkError(f"{folder / 'config.json'} names architecture '{arch}', not Eagle3Draft")
-            config = Eagle3Config.from_dict(raw)
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise DSparkError(f"{folder / 'config.json'} is malformed ({e}): re-export the head") from None
-        try:
-            state = load_file(str(folder / "model.safetensors"))
-        except Exception as e:   # safetensors raises its own error type for a damaged file
-            raise DSparkError(f"{folder / 'model.safetensors'} is unreadable ({type(e).__name__}: {e}): "
-                              "re-export the head") from None
-        model = cls(config, d2t=state.get("d2t"))
-        try:
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                                  strict=True)
-        except RuntimeError as e:
-            raise DSparkError(f"{folder / 'model.safetensors'} does not match its config.json: "
-                              f"{str(e).splitlines()[0]}") from None
-        return model
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 def save_eagle3_layout(head: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
