@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dspark.inference import Engine
 from dspark.models.errors import DSparkError
+from dspark.models.files import write_text_atomic
 from dspark.models.target import load_target
 
 from .features import check_layers
@@ -90,8 +91,8 @@ def run(cfg) -> dict:
     acc.wait_for_everyone()
     if acc.is_main_process:
         chunks.mkdir(parents=True, exist_ok=True)
-        _write_atomic(chunks / "settings.json", json.dumps(_row_settings(want), indent=2))
-        _write_atomic(out / "heldout.jsonl", "".join(
+        write_text_atomic(chunks / "settings.json", json.dumps(_row_settings(want), indent=2))
+        write_text_atomic(out / "heldout.jsonl", "".join(
             json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n" for t in heldout))
     acc.wait_for_everyone()
     t0 = time.perf_counter()
@@ -174,7 +175,7 @@ def _generate_slice(cfg, target, texts: list[str], chunks: Path) -> int:
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.1f}")
         if len(buffer) >= cfg.chunk_size or start + cfg.batch_size >= len(todo):
-            _write_atomic(chunks / f"chunk-{buffer[0]['prompt_id']}.jsonl",
+            write_text_atomic(chunks / f"chunk-{buffer[0]['prompt_id']}.jsonl",
                           "".join(json.dumps(r) + "\n" for r in buffer))
             buffer, written = [], written + 1
             if cfg.stop_after_chunks and written >= cfg.stop_after_chunks:
@@ -231,11 +232,7 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
         files = list((out / "features").glob("*.safetensors"))
         summary["features"] = {"dir": str(out / "features"), "files": len(files),
                                "bytes": sum(f.stat().st_size for f in files), "layers": want["feature_layers"]}
-    _write_atomic(out / "generate.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "generate.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dspark.models.files import write_text_atomic
 from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
@@ -72,8 +73,8 @@ def run(cfg) -> dict:
     if len(cfg.concurrency) > 1:
         report["load"] = load_summary(report)
     table = markdown(report)
-    write_atomic(out_dir / "bench.json", json.dumps(report, indent=2))
-    write_atomic(out_dir / "bench.md", table + "\n")
+    write_text_atomic(out_dir / "bench.json", json.dumps(report, indent=2))
+    write_text_atomic(out_dir / "bench.md", table + "\n")
     print(table)
     print(f"wrote {out_dir / 'bench.json'}")
     best = max((m["speedup_vs_plain"] for k, m in methods.items() if k != "plain" and "oracle" not in k),
@@ -232,8 +233,3 @@ class Bench:
         return s
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -21,7 +21,7 @@ from dspark.models.heads import load_head
 from dspark.models.target import load_target
 
 from . import sts
-from .bench import write_atomic
+from dspark.models.files import write_text_atomic
 
 
 def held_out_prompts(cfg, target) -> list[list[int]]:
@@ -81,7 +81,7 @@ def run(cfg) -> dict:
               "temperatures": temps, "positions": positions, "positions_fit": fitted,
               "max_ece_after": max((p["ece_after"] for p in positions if p["blocks"]), default=None),
               "reliability_png": str(plot)}
-    write_atomic(out_dir / "calibrate.json", json.dumps(report, indent=2))
+    write_text_atomic(out_dir / "calibrate.json", json.dumps(report, indent=2))
     print(summary_table(report))
     print(f"temperatures written to {head_dir / 'config.json'}; wrote {out_dir / 'calibrate.json'} and {plot}")
     return {"max_ece_after": report["max_ece_after"]}
@@ -91,7 +91,7 @@ def _write_temperatures(head_dir: Path, temps: list[float]) -> None:
     path = head_dir / "config.json"
     config = json.loads(path.read_text())
     config["confidence_temperatures"] = [round(t, 6) for t in temps]
-    write_atomic(path, json.dumps(config, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(config, indent=2) + "\n")
 
 
 def summary_table(report: dict) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dspark.models.files import write_text_atomic
 from dspark.models.dspark import DSparkDraft
 from dspark.models.errors import DSparkError
 from dspark.models.heads import load_head
@@ -81,7 +82,7 @@ def run(cfg) -> dict:
     if push and not cfg.dry_run:
         summary["pushed"] = push_folder(dest, repo_id, private=bool(cfg.private), commit_message=cfg.commit_message)
         print(f"pushed to {summary['pushed']}")
-    _write_atomic(out / "export.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "export.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -166,8 +167,3 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import re
 import shutil
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from dspark.models.files import write_json_atomic
 from dspark.models.errors import DSparkError
 
 STAGES = ("generate", "train", "calibrate", "bench", "export")
@@ -77,13 +77,13 @@ def run(cfg) -> dict:
         note = {"unavailable": " (stage not built in this version; skipped)"}.get(status, "")
         print(f"[dspark run] {stage}: {status} in {seconds:.1f}s{note}", flush=True)
         record["stages"][stage] = {"status": status, "seconds": seconds, "fingerprint": fp}
-        _write_json(out / "run.json", record)   # progress survives an interruption
+        write_json_atomic(out / "run.json", record)   # progress survives an interruption
     record["seconds"] = time.perf_counter() - t_all
     record["bench_md"] = str(out / "bench.md") if (out / "bench.md").is_file() else None
     record["plots"] = [str(p) for p in sorted(out.glob("*.png")) + sorted(out.glob("*.svg"))]
     export_dir = configs["export"].export_dir if "export" in configs else None
     record["export_dir"] = export_dir if export_dir and Path(export_dir).is_dir() else None
-    _write_json(out / "run.json", record)
+    write_json_atomic(out / "run.json", record)
     _final_report(record)
     bench = _read_json(out / "bench.json") or {}
     speedups = [m.get("speedup_vs_plain") for k, m in (bench.get("methods") or {}).items()
@@ -254,7 +254,3 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

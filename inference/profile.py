@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dspark.models.files import write_json_atomic
+
 from .cache import SlotCache
 
 PROFILE_FORMAT = 1     # bump when the runtime's verification step changes shape or cost
@@ -145,9 +147,6 @@ def step_cost_profile(target, max_rows: int, max_width: int, cache_dir: str | Pa
             pass                          # a damaged or stale cache is measured again
     table = measure(target, levels, max_width, context=context, repeats=repeats)
     cost = StepCost(table, {**key, "repeats": repeats, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(cost.to_json(), indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, cost.to_json())
     cost.meta["cached"] = str(path)
     return cost

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dspark.data.dataset import load_rows, split
+from dspark.models.files import write_json_atomic
 from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
 from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids
 from dspark.models.errors import DSparkError
@@ -276,9 +277,7 @@ class Trainer:
                 **{k: v for k, v in final.items() if k.startswith("val_")},
                 "head": str(self.out / "head"), "curve": st["curve"],
             }
-            tmp_json = self.out / ".train.json.tmp"
-            tmp_json.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp_json, self.out / "train.json")
+            write_json_atomic(self.out / "train.json", summary)
             print(f"trained {c.kind} head ({summary['trainable_params'] / 1e6:.2f}M params) for {st['step']} steps "
                   f"in {st['seconds']:.0f}s: val loss {summary.get('val_loss', float('nan')):.3f}, expected τ "
                   f"{summary.get('val_tau', float('nan')):.3f} (greedy {summary.get('val_tau_greedy', float('nan')):.3f}); "
