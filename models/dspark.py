@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DSparkError
-from .head_io import HeadIO
+from .head_base import DraftHeadBase
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
 
@@ -185,7 +185,7 @@ class RNNHead(nn.Module):
         return self.up_proj(state), state
 
 
-class DSparkDraft(HeadIO, nn.Module):
+class DSparkDraft(DraftHeadBase, nn.Module):
     """The draft head. Trainable: context projection, backbone, mask embedding, sequential head,
     confidence head. Shared and frozen (attached, not saved): the target's embedding and LM head."""
 
@@ -205,34 +205,7 @@ class DSparkDraft(HeadIO, nn.Module):
             self.token_embed = nn.Embedding(c.draft_vocab_size + 1, r)   # W1; last row: token outside d2t
             self.chunk_head = MarkovHead(c) if c.sequential_head == "markov" else RNNHead(c)
         self.confidence = nn.Linear(d + (r if c.sequential_head != "none" else 0), 1)
-        d2t = torch.arange(c.draft_vocab_size) if d2t is None else d2t.long()
-        if d2t.shape != (c.draft_vocab_size,) or int(d2t.max()) >= c.target_vocab_size:
-            raise DSparkError(f"draft vocabulary map has shape {tuple(d2t.shape)} (max id {int(d2t.max())}); "
-                              f"expected ({c.draft_vocab_size},) ids < {c.target_vocab_size}")
-        self.register_buffer("d2t", d2t)
-        t2d = torch.full((c.target_vocab_size,), c.draft_vocab_size, dtype=torch.long)
-        t2d[d2t] = torch.arange(c.draft_vocab_size)
-        self.register_buffer("t2d", t2d, persistent=False)
-        self.register_buffer("embed_weight", torch.empty(0), persistent=False)   # (V, D) target's
-        self.register_buffer("lm_weight", torch.empty(0), persistent=False)      # (Vd, D) target's rows
-
-    # ------------------------------------------------------------------ shared target parts
-    def attach(self, target) -> "DSparkDraft":
-        """Share the target's frozen embedding and LM head (rows of the draft vocabulary)."""
-        c, m = self.config, target.model
-        if target.hidden_size != c.target_hidden_size or target.vocab_size != c.target_vocab_size:
-            raise DSparkError(
-                f"draft head was built for hidden size {c.target_hidden_size} / vocab {c.target_vocab_size} "
-                f"(target '{c.target}') but this target has {target.hidden_size} / {target.vocab_size}: "
-                "train a head for this target or pass the matching target")
-        bad = [i for i in c.target_layer_ids if not 0 <= i <= target.num_layers]
-        if bad:
-            raise DSparkError(f"target layer ids {bad} are out of range for a {target.num_layers}-layer target "
-                              f"(hidden_states indices 0..{target.num_layers})")
-        dev = self.mask_embedding.device
-        self.embed_weight = m.get_input_embeddings().weight.detach().to(dev)
-        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(dev, torch.float32)
-        return self
+        self.init_vocabulary(d2t)
 
     def init_from_target(self, target) -> None:
         """Copy the target's top decoder layers into the backbone (same Llama shapes required)."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from .dspark import MLP, RMSNorm, rope
 from .errors import DSparkError
-from .head_io import HeadIO
+from .head_base import DraftHeadBase
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
 
-class Eagle3Draft(HeadIO, nn.Module):
+class Eagle3Draft(DraftHeadBase, nn.Module):
     """The draft head. Trainable: fc, midlayer, norm. Shared and frozen (attached, not saved): the
     target's embedding and LM head (rows of the draft vocabulary)."""
 
@@ -146,37 +146,11 @@ class Eagle3Draft(HeadIO, nn.Module):
         self.fc = nn.Linear(k * d, d, bias=False)
         self.midlayer = Eagle3Layer(c)
         self.norm = RMSNorm(d, c.rms_norm_eps)
-        d2t = torch.arange(c.draft_vocab_size) if d2t is None else d2t.long()
-        if d2t.shape != (c.draft_vocab_size,) or int(d2t.max()) >= c.target_vocab_size or int(d2t.min()) < 0:
-            raise DSparkError(f"draft vocabulary map has shape {tuple(d2t.shape)} (ids {int(d2t.min())}..{int(d2t.max())}); "
-                              f"expected ({c.draft_vocab_size},) ids in 0..{c.target_vocab_size - 1}")
-        self.register_buffer("d2t", d2t)
-        t2d = torch.full((c.target_vocab_size,), c.draft_vocab_size, dtype=torch.long)
-        t2d[d2t] = torch.arange(c.draft_vocab_size)
-        self.register_buffer("t2d", t2d, persistent=False)
-        self.register_buffer("embed_weight", torch.empty(0), persistent=False)   # (V, D) target's
-        self.register_buffer("lm_weight", torch.empty(0), persistent=False)      # (Vd, D) target's rows
+        self.init_vocabulary(d2t)
 
     @property
     def device(self) -> torch.device:
         return self.fc.weight.device
-
-    # ------------------------------------------------------------------ shared target parts
-    def attach(self, target) -> "Eagle3Draft":
-        """Share the target's frozen embedding and LM head (rows of the draft vocabulary)."""
-        c, m = self.config, target.model
-        if target.hidden_size != c.target_hidden_size or target.vocab_size != c.target_vocab_size:
-            raise DSparkError(
-                f"draft head was built for hidden size {c.target_hidden_size} / vocab {c.target_vocab_size} "
-                f"(target '{c.target}') but this target has {target.hidden_size} / {target.vocab_size}: "
-                "train a head for this target or pass the matching target")
-        bad = [i for i in c.target_layer_ids if not 0 <= i <= target.num_layers]
-        if bad:
-            raise DSparkError(f"target layer ids {bad} are out of range for a {target.num_layers}-layer target "
-                              f"(hidden_states indices 0..{target.num_layers})")
-        self.embed_weight = m.get_input_embeddings().weight.detach().to(self.device)
-        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(self.device, torch.float32)
-        return self
 
     # ------------------------------------------------------------------ one layer, any number of positions
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Hugging Face style I/O shared by every draft head: `config.json` (architecture + config
+"""What every draft head shares: the draft vocabulary map (d2t / t2d), the target's frozen embedding
+and LM head attached at run time, and Hugging Face style I/O — `config.json` (architecture + config
 dataclass) and `model.safetensors`, loaded strictly with one clear error per kind of damage."""
 from __future__ import annotations
 
@@ -12,10 +13,44 @@ from safetensors.torch import load_file, save_file
 from .errors import DSparkError
 
 
-class HeadIO:
-    """Mixin: the class sets `config_class`; instances have `.config` and take `(config, d2t=…)`."""
+class DraftHeadBase:
+    """Mixin for nn.Module heads: the class sets `config_class`; instances have `.config` (with
+    draft_vocab_size, target_vocab_size, target_hidden_size, target_layer_ids, target) and take
+    `(config, d2t=…)`."""
 
     config_class: type
+
+    def init_vocabulary(self, d2t: torch.Tensor | None) -> None:
+        """Register d2t (draft id → target id, saved), its inverse t2d (target id → draft id, or
+        draft_vocab_size for tokens outside it) and empty slots for the target's shared weights."""
+        c = self.config
+        d2t = torch.arange(c.draft_vocab_size) if d2t is None else d2t.long()
+        if d2t.shape != (c.draft_vocab_size,) or int(d2t.max()) >= c.target_vocab_size or int(d2t.min()) < 0:
+            raise DSparkError(f"draft vocabulary map has shape {tuple(d2t.shape)} (ids {int(d2t.min())}..{int(d2t.max())}); "
+                              f"expected ({c.draft_vocab_size},) ids in 0..{c.target_vocab_size - 1}")
+        self.register_buffer("d2t", d2t)
+        t2d = torch.full((c.target_vocab_size,), c.draft_vocab_size, dtype=torch.long)
+        t2d[d2t] = torch.arange(c.draft_vocab_size)
+        self.register_buffer("t2d", t2d, persistent=False)
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)   # (V, D) target's
+        self.register_buffer("lm_weight", torch.empty(0), persistent=False)      # (Vd, D) target's rows
+
+    def attach(self, target):
+        """Share the target's frozen embedding and LM head (rows of the draft vocabulary)."""
+        c, m = self.config, target.model
+        if target.hidden_size != c.target_hidden_size or target.vocab_size != c.target_vocab_size:
+            raise DSparkError(
+                f"draft head was built for hidden size {c.target_hidden_size} / vocab {c.target_vocab_size} "
+                f"(target '{c.target}') but this target has {target.hidden_size} / {target.vocab_size}: "
+                "train a head for this target or pass the matching target")
+        bad = [i for i in c.target_layer_ids if not 0 <= i <= target.num_layers]
+        if bad:
+            raise DSparkError(f"target layer ids {bad} are out of range for a {target.num_layers}-layer target "
+                              f"(hidden_states indices 0..{target.num_layers})")
+        dev = next(self.parameters()).device
+        self.embed_weight = m.get_input_embeddings().weight.detach().to(dev)
+        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(dev, torch.float32)
+        return self
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
         folder = Path(folder)
