@@ -67,6 +67,19 @@ class Drafter:
         """The request left the batch."""
 
 
+
+class HeadDrafter(Drafter):
+    """Base for drafters driven by a trained head: shares the target's embedding and LM head with
+    it and receives the hidden-state layers it was trained on."""
+
+    def __init__(self, head, target, temperature: float = 0.0, seed: int = 0):
+        self.head = head.to(target.device).attach(target).eval()
+        self.name = head.config.kind
+        self.feature_layers = tuple(head.config.target_layer_ids)
+        self.temperature = float(temperature)
+        self.vocab_size = target.vocab_size
+        self.gen = torch.Generator().manual_seed(seed)
+
 class PromptLookupDrafter(Drafter):
     """n-gram prompt lookup: find the most recent earlier occurrence of the longest suffix n-gram
     (max_ngram down to min_ngram) in prompt + output and propose the tokens that followed it.

@@ -10,17 +10,12 @@ import torch
 
 from dspark.models.dspark import DSparkDraft, block_positions
 
-from .drafters import Drafter, Proposal
+from .drafters import HeadDrafter, Proposal
 
 
-class DSparkDrafter(Drafter):
+class DSparkDrafter(HeadDrafter):
     def __init__(self, head: DSparkDraft, target, temperature: float = 0.0, seed: int = 0):
-        self.head = head.to(target.device).attach(target).eval()
-        self.name = head.config.kind
-        self.feature_layers = tuple(head.config.target_layer_ids)
-        self.temperature = float(temperature)
-        self.vocab_size = target.vocab_size
-        self.gen = torch.Generator().manual_seed(seed)
+        super().__init__(head, target, temperature, seed)
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # rid → per layer (1, n, kv, hd)
 
     @torch.no_grad()

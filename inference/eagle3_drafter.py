@@ -14,17 +14,12 @@ import torch.nn.functional as F
 
 from dspark.models.eagle3 import Eagle3Draft
 
-from .drafters import Drafter, Proposal
+from .drafters import HeadDrafter, Proposal
 
 
-class Eagle3Drafter(Drafter):
+class Eagle3Drafter(HeadDrafter):
     def __init__(self, head: Eagle3Draft, target, temperature: float = 0.0, seed: int = 0):
-        self.head = head.to(target.device).attach(target).eval()
-        self.name = head.config.kind
-        self.feature_layers = tuple(head.config.target_layer_ids)
-        self.temperature = float(temperature)
-        self.vocab_size = target.vocab_size
-        self.gen = torch.Generator().manual_seed(seed)
+        super().__init__(head, target, temperature, seed)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # rid → committed keys/values (1, c, kv, hd)
         self.pending: dict[int, torch.Tensor] = {}                   # rid → features f_{c−1} … (m, k·H)
 

@@ -13,6 +13,14 @@ torch.set_flush_denormal(True)   # as the dspark CLI does (models/errors.py guar
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def compose_cfg(name, *overrides):
+    """A stage's Hydra config, composed as the CLI composes it."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("dspark.conf", version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
 def tiny_target_cfg():
     from omegaconf import OmegaConf
 
@@ -24,6 +32,17 @@ def tiny_target():
     from dspark.models.target import load_target
 
     return load_target(tiny_target_cfg())
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A 12-prompt self-distilled dataset from the tiny target (read-only for the tests)."""
+    from dspark.data.generate import run as generate
+
+    out = tmp_path_factory.mktemp("gen")
+    generate(compose_cfg("generate", "target=tiny", f"output_dir={out}", "max_prompts=12", "max_new_tokens=48",
+                         "heldout_fraction=0"))
+    return str(out / "dataset")
 
 
 @pytest.fixture(scope="session")

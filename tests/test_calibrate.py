@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
+from conftest import compose_cfg
 from dspark.eval import sts
 
 
@@ -60,8 +60,7 @@ def test_calibrate_cli_writes_temperatures_the_runtime_uses(tmp_path):
     from dspark.train.trainer import run as train
 
     def cfg(name, *over):
-        with initialize_config_module("dspark.conf", version_base="1.3"):
-            return compose(name, overrides=["target=tiny", f"output_dir={tmp_path}", *over])
+        return compose_cfg(name, "target=tiny", f"output_dir={tmp_path}", *over)
 
     generate(cfg("generate", "max_prompts=12", "max_new_tokens=32"))
     train(cfg("train", "draft=tiny", "logger=none", "max_steps=30", "eval_every=30", "save_every=0",

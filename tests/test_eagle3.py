@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from safetensors.torch import load_file, save_file
 
+from conftest import compose_cfg
 from dspark.inference import Eagle3Drafter, Engine, drafter_for
 from dspark.inference.drafters import RequestState
 from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids, save_eagle3_layout
@@ -30,21 +30,6 @@ def tiny_eagle3_head(target, draft_vocab=None, seed=0, **over):
                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=5,
                        draft_vocab_size=draft_vocab or 0, **over)
     return Eagle3Draft(cfg, d2t).attach(target)
-
-
-def compose_cfg(name, *overrides):
-    with initialize_config_module("dspark.conf", version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from dspark.data.generate import run as generate
-
-    out = tmp_path_factory.mktemp("gen")
-    generate(compose_cfg("generate", "target=tiny", f"output_dir={out}", "max_prompts=12", "max_new_tokens=48",
-                         "heldout_fraction=0"))
-    return str(out / "dataset")
 
 
 @pytest.fixture(scope="module")

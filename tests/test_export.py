@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_head
+from conftest import compose_cfg, tiny_head
 from dspark.eval import export
 from dspark.models import heads, hub
 from dspark.models.errors import DSparkError
@@ -47,10 +47,7 @@ def make_run(tmp_path, target, calibrate=True):
 
 
 def export_cfg(tmp_path, *overrides):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="dspark.conf", version_base="1.3"):
-        return compose("export", overrides=["target=tiny", f"output_dir={tmp_path}", *overrides])
+    return compose_cfg("export", "target=tiny", f"output_dir={tmp_path}", *overrides)
 
 
 def logits(head, target, ids):

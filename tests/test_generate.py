@@ -6,17 +6,15 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from conftest import REPO
+from conftest import REPO, compose_cfg
 from dspark.data.generate import is_heldout, run, select_prompts
 from dspark.models.errors import DSparkError
 
 
 def cfg_for(tmp_path, *overrides):
-    with initialize_config_module("dspark.conf", version_base="1.3"):
-        return compose("generate", overrides=["target=tiny", f"output_dir={tmp_path}", "max_new_tokens=24",
-                                              "batch_size=3", "chunk_size=3", *overrides])
+    return compose_cfg("generate", "target=tiny", f"output_dir={tmp_path}", "max_new_tokens=24", "batch_size=3",
+                       "chunk_size=3", *overrides)
 
 
 def jsonl(tmp_path, rows, name="p.jsonl"):

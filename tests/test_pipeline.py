@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import compose_cfg
 from dspark.eval import pipeline
 
 FAST = ["target=tiny", "draft=tiny", "max_prompts=6", "max_steps=4", "generate.max_new_tokens=12",
@@ -25,8 +26,6 @@ def one_thread():
 
 def run_cfg(tmp_path, *extra):
     """The run config of `dspark run output_dir=… <FAST> <extra>` with short local prompts."""
-    from hydra import compose, initialize_config_module
-
     prompts = tmp_path / "prompts.jsonl"
     if not prompts.exists():
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -34,8 +33,7 @@ def run_cfg(tmp_path, *extra):
                                    for w in ["hi", "yes", "no", "red", "blue", "one", "two", "ten", "sun", "sky"]))
     local = ["+generate.data.source=jsonl", f"+generate.data.path={prompts}", "+bench.prompts.source=jsonl",
              f"+bench.prompts.path={prompts}"]
-    with initialize_config_module(config_module="dspark.conf", version_base="1.3"):
-        return compose("run", overrides=[f"output_dir={tmp_path}", *FAST, *local, *extra])
+    return compose_cfg("run", f"output_dir={tmp_path}", *FAST, *local, *extra)
 
 
 def test_stage_configs_compose_with_shared_overrides(tmp_path):

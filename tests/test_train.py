@@ -8,11 +8,9 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from conftest import REPO
-from dspark.data.generate import run as generate
+from conftest import REPO, compose_cfg
 from dspark.inference import DSparkDrafter, Engine
 from dspark.models.dspark import DSparkDraft
 from dspark.models.errors import DSparkError
@@ -21,19 +19,6 @@ from dspark.train.trainer import Trainer, run as train
 
 FAST = ["target=tiny", "draft=tiny", "logger=none", "batch_size=2", "anchors_per_seq=8", "val_anchors_per_seq=8",
         "max_seq_len=96"]
-
-
-def compose_cfg(name, *overrides):
-    with initialize_config_module("dspark.conf", version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen")
-    generate(compose_cfg("generate", "target=tiny", f"output_dir={out}", "max_prompts=12", "max_new_tokens=48",
-                         "heldout_fraction=0"))
-    return str(out / "dataset")
 
 
 @pytest.mark.parametrize("stage,overrides", [
