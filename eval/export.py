@@ -54,7 +54,7 @@ def run(cfg) -> dict:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
-        notes = write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or str(dest), vllm=cfg.vllm)
+        notes = write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or _shown(dest), vllm=cfg.vllm)
         plan = upload_plan(tmp)
         summary = {"head": str(cfg.head), "export_dir": str(dest), "dtype": str(cfg.dtype), "target": target["name"],
                    "target_id": target["id"], "target_revision": target["revision"], "files": plan,
@@ -145,6 +145,15 @@ def target_identity(cfg, head) -> dict:
     revision = t.get("revision") or getattr(head.config, "target_revision", None)
     return {"name": name, "id": hub_id or None, "revision": revision or None,
             "architectures": list(known.get("architectures") or []), "source": source, "cli": cli}
+
+
+
+def _shown(path: Path) -> str:
+    """A folder as a reader of the card should type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _read_json(path) -> dict | None:

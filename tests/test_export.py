@@ -95,6 +95,14 @@ def test_card_carries_the_measured_numbers_and_omits_missing_sections(tiny_targe
     assert "dspark bench head=" in card and "target=tiny" in card
 
 
+def test_card_names_a_folder_inside_the_working_directory_relatively(tiny_target, tmp_path, monkeypatch):
+    make_run(tmp_path, tiny_target, calibrate=False)
+    monkeypatch.chdir(tmp_path)
+    export.run(export_cfg(tmp_path, f"export_dir={tmp_path / 'heads' / 'mine'}"))
+    card = (tmp_path / "heads" / "mine" / "README.md").read_text()
+    assert "dspark bench head=heads/mine " in card and str(tmp_path) not in card
+
+
 def test_card_calibration_table(tiny_target, tmp_path):
     make_run(tmp_path, tiny_target)
     export.run(export_cfg(tmp_path))
