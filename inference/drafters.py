@@ -67,7 +67,6 @@ class Drafter:
         """The request left the batch."""
 
 
-
 class HeadDrafter(Drafter):
     """Base for drafters driven by a trained head: shares the target's embedding and LM head with
     it and receives the hidden-state layers it was trained on."""
@@ -79,6 +78,7 @@ class HeadDrafter(Drafter):
         self.temperature = float(temperature)
         self.vocab_size = target.vocab_size
         self.gen = torch.Generator().manual_seed(seed)
+
 
 class PromptLookupDrafter(Drafter):
     """n-gram prompt lookup: find the most recent earlier occurrence of the longest suffix n-gram
