@@ -109,7 +109,15 @@ def _bench(b: dict, head_method: str) -> str:
                      f"{_f(m.get('tokens_per_s'), '.1f')} | {_f(m.get('exact_match_rate'))} |")
     if head_method not in methods:
         lines.append(f"\nThis bench run has no `{head_method}` row (the head was not benchmarked in it).")
-    lines.append("\n`oracle` proposes the target's own continuation at zero cost: the ceiling at this γ.")
+    if "oracle" in methods:
+        lines.append("\n`oracle` proposes the target's own continuation at zero cost: the ceiling at this γ.")
+    others = sorted({n.split("+")[0] for n in methods if ":" in n.split("+")[0]})
+    if others:
+        lines.append(f"\nRows {', '.join(f'`{n}`' for n in others)}: other heads benchmarked in the same run "
+                     "(`extra_heads`, named `<kind>:<folder>`).")
+    if all(m.get("divergences_all_near_ties") is True for m in methods.values()):
+        lines.append("\nExact match below 1 is bf16 arithmetic, not the method: every divergence from plain decoding "
+                     "sits on a near-tie of the target's top two logits (`divergences_all_near_ties` in bench.json).")
     return "\n".join(lines) + "\n"
 
 

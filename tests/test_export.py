@@ -103,6 +103,18 @@ def test_card_names_a_folder_inside_the_working_directory_relatively(tiny_target
     assert "dspark bench head=heads/mine " in card and str(tmp_path) not in card
 
 
+def test_card_bench_notes_follow_the_rows():
+    from dspark.eval import model_card
+
+    plain = {"tau": 1.0, "speedup_vs_plain": 1.0, "tokens_per_s": 20.0, "divergences_all_near_ties": True}
+    b = {**BENCH, "methods": {"plain": plain, "dspark": {**plain, "tau": 1.3}}}
+    text = model_card._bench(b, "dspark")
+    assert "near-tie" in text and "`oracle`" not in text and "other heads" not in text
+    b["methods"].update({"oracle": plain, "dspark:prev": {**plain, "divergences_all_near_ties": False}})
+    text = model_card._bench(b, "dspark")
+    assert "`oracle` proposes" in text and "Rows `dspark:prev`: other heads" in text and "near-tie" not in text
+
+
 def test_card_calibration_table(tiny_target, tmp_path):
     make_run(tmp_path, tiny_target)
     export.run(export_cfg(tmp_path))
