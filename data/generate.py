@@ -176,7 +176,7 @@ def _generate_slice(cfg, target, texts: list[str], chunks: Path) -> int:
         bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.1f}")
         if len(buffer) >= cfg.chunk_size or start + cfg.batch_size >= len(todo):
             write_text_atomic(chunks / f"chunk-{buffer[0]['prompt_id']}.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in buffer))
+                              "".join(json.dumps(r) + "\n" for r in buffer))
             buffer, written = [], written + 1
             if cfg.stop_after_chunks and written >= cfg.stop_after_chunks:
                 bar.close()
@@ -234,5 +234,3 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
                                "bytes": sum(f.stat().st_size for f in files), "layers": want["feature_layers"]}
     write_text_atomic(out / "generate.json", json.dumps(summary, indent=2))
     return summary
-
-

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark.models.files import write_text_atomic
 from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
 from dspark.models.heads import load_head
 from dspark.models.hub import is_repo_ref
 from dspark.models.errors import DSparkError
+from dspark.models.files import write_text_atomic
 from dspark.models.target import load_target
 
 from .prompts import load_prompts
@@ -231,5 +231,3 @@ class Bench:
                  divergences=len(margins),
                  divergences_all_near_ties=all(m <= self.cfg.near_tie_margin for m in margins))
         return s
-
-

@@ -17,11 +17,11 @@ from tqdm import tqdm
 from dspark.data.dataset import load_rows, split
 from dspark.inference import Engine, drafter_for
 from dspark.models.errors import DSparkError
+from dspark.models.files import write_text_atomic
 from dspark.models.heads import load_head
 from dspark.models.target import load_target
 
 from . import sts
-from dspark.models.files import write_text_atomic
 
 
 def held_out_prompts(cfg, target) -> list[list[int]]:

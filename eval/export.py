@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dspark.models.files import write_text_atomic
 from dspark.models.dspark import DSparkDraft
 from dspark.models.errors import DSparkError
+from dspark.models.files import write_text_atomic
 from dspark.models.heads import load_head
 from dspark.models.hub import push_folder, resolve_head, speculators_layout, upload_plan, validate_repo_id
 from dspark.models.target import parse_dtype
@@ -147,7 +147,6 @@ def target_identity(cfg, head) -> dict:
             "architectures": list(known.get("architectures") or []), "source": source, "cli": cli}
 
 
-
 def _shown(path: Path) -> str:
     """A folder as a reader of the card should type it: relative to the working directory when inside it."""
     try:
@@ -174,5 +173,3 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
     if old:
         shutil.rmtree(old, ignore_errors=True)
-
-
