@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dspark.inference import Engine
 from dspark.models.errors import DSparkError
-from dspark.models.files import write_text_atomic
+from dspark.models.files import write_json_atomic, write_text_atomic
 from dspark.models.target import load_target
 
 from .features import check_layers
@@ -91,7 +91,7 @@ def run(cfg) -> dict:
     acc.wait_for_everyone()
     if acc.is_main_process:
         chunks.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(chunks / "settings.json", json.dumps(_row_settings(want), indent=2))
+        write_json_atomic(chunks / "settings.json", _row_settings(want))
         write_text_atomic(out / "heldout.jsonl", "".join(
             json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n" for t in heldout))
     acc.wait_for_everyone()
@@ -232,5 +232,5 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
         files = list((out / "features").glob("*.safetensors"))
         summary["features"] = {"dir": str(out / "features"), "files": len(files),
                                "bytes": sum(f.stat().st_size for f in files), "layers": want["feature_layers"]}
-    write_text_atomic(out / "generate.json", json.dumps(summary, indent=2))
+    write_json_atomic(out / "generate.json", summary)
     return summary

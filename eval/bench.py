@@ -8,7 +8,6 @@ interleaved batch by batch, so a shared machine's drifting load cannot favour on
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -23,7 +22,7 @@ from dspark.inference.profile import step_cost_profile
 from dspark.models.heads import load_head
 from dspark.models.hub import is_repo_ref
 from dspark.models.errors import DSparkError
-from dspark.models.files import write_text_atomic
+from dspark.models.files import write_json_atomic, write_text_atomic
 from dspark.models.target import load_target
 
 from .prompts import load_prompts
@@ -73,7 +72,7 @@ def run(cfg) -> dict:
     if len(cfg.concurrency) > 1:
         report["load"] = load_summary(report)
     table = markdown(report)
-    write_text_atomic(out_dir / "bench.json", json.dumps(report, indent=2))
+    write_json_atomic(out_dir / "bench.json", report)
     write_text_atomic(out_dir / "bench.md", table + "\n")
     print(table)
     print(f"wrote {out_dir / 'bench.json'}")

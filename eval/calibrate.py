@@ -17,7 +17,7 @@ from tqdm import tqdm
 from dspark.data.dataset import load_rows, split
 from dspark.inference import Engine, drafter_for
 from dspark.models.errors import DSparkError
-from dspark.models.files import write_text_atomic
+from dspark.models.files import write_json_atomic
 from dspark.models.heads import load_head
 from dspark.models.target import load_target
 
@@ -81,7 +81,7 @@ def run(cfg) -> dict:
               "temperatures": temps, "positions": positions, "positions_fit": fitted,
               "max_ece_after": max((p["ece_after"] for p in positions if p["blocks"]), default=None),
               "reliability_png": str(plot)}
-    write_text_atomic(out_dir / "calibrate.json", json.dumps(report, indent=2))
+    write_json_atomic(out_dir / "calibrate.json", report)
     print(summary_table(report))
     print(f"temperatures written to {head_dir / 'config.json'}; wrote {out_dir / 'calibrate.json'} and {plot}")
     return {"max_ece_after": report["max_ece_after"]}
@@ -91,7 +91,7 @@ def _write_temperatures(head_dir: Path, temps: list[float]) -> None:
     path = head_dir / "config.json"
     config = json.loads(path.read_text())
     config["confidence_temperatures"] = [round(t, 6) for t in temps]
-    write_text_atomic(path, json.dumps(config, indent=2) + "\n")
+    write_json_atomic(path, config)
 
 
 def summary_table(report: dict) -> str:

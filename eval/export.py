@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from dspark.models.dspark import DSparkDraft
 from dspark.models.errors import DSparkError
-from dspark.models.files import write_text_atomic
+from dspark.models.files import write_json_atomic
 from dspark.models.heads import load_head
 from dspark.models.hub import push_folder, resolve_head, speculators_layout, upload_plan, validate_repo_id
 from dspark.models.target import parse_dtype
@@ -82,7 +82,7 @@ def run(cfg) -> dict:
     if push and not cfg.dry_run:
         summary["pushed"] = push_folder(dest, repo_id, private=bool(cfg.private), commit_message=cfg.commit_message)
         print(f"pushed to {summary['pushed']}")
-    write_text_atomic(out / "export.json", json.dumps(summary, indent=2))
+    write_json_atomic(out / "export.json", summary)
     return summary
 
 

@@ -16,4 +16,4 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
