@@ -6,14 +6,21 @@ the run's bench/train/calibrate/generate json) and `vllm/` (the same head in the
 layout, untested). Nothing else: optimizer, scheduler, RNG and checkpoints stay in the run folder.
 The folder is built under a temporary name and renamed into place, so a failed or interrupted export
 never leaves a half-written one and a re-export replaces the old one whole.
+
+Export replaces only what it wrote: the folder carries a marker file (`.dspark-export`, never
+uploaded), and an `export_dir` that is a file, a non-empty folder without the marker, the run folder
+or the head's own folder is refused before anything is written. A later export restores a folder an
+interrupted swap left hidden in `.<name>-old-*/` and removes its own stale temporaries.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +30,8 @@ from dspark.models.dspark import DSparkDraft
 from dspark.models.errors import DSparkError
 from dspark.models.files import write_json_atomic
 from dspark.models.heads import load_head
-from dspark.models.hub import push_folder, resolve_head, speculators_layout, upload_plan, validate_repo_id
+from dspark.models.hub import (EXPORT_MARKER, push_folder, resolve_head, speculators_layout, upload_plan,
+                               validate_repo_id)
 from dspark.models.target import parse_dtype
 
 from . import model_card
@@ -36,6 +44,8 @@ def run(cfg) -> dict:
     if push and not repo_id:
         raise DSparkError("push_to_hub=true (or dry_run=true) needs repo_id=<user>/<name>")
     dtype = parse_dtype(cfg.dtype)
+    dest = Path(cfg.export_dir)
+    check_export_dir(dest, out, cfg.head)   # before anything is loaded or written
     folder = resolve_head(cfg.head)
     head = load_head(folder)
     target = target_identity(cfg, head)
@@ -50,10 +60,11 @@ def run(cfg) -> dict:
         if not c.confidence_temperatures and temps and all(t is not None for t in temps):
             c.confidence_temperatures = [float(t) for t in temps]
 
-    dest = Path(cfg.export_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _recover(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "dspark export", "head": str(cfg.head)}) + "\n")
         notes = write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or _shown(dest), vllm=cfg.vllm)
         plan = upload_plan(tmp)
         summary = {"head": str(cfg.head), "export_dir": str(dest), "dtype": str(cfg.dtype), "target": target["name"],
@@ -164,12 +175,69 @@ def _read_json(path) -> dict | None:
         raise DSparkError(f"{path} is not valid json ({e}): re-run the stage that writes it") from None
 
 
+def check_export_dir(dest: Path, out: Path, head_ref) -> None:
+    """Refuse an `export_dir` that export would replace without having written it: a file or link, a
+    non-empty folder without the marker, the run folder (or one holding it), or the head's folder (or
+    one inside or holding it). Reads only; raises DSparkError."""
+    fix = "pass export_dir=<new or empty folder> or remove it yourself"
+    d = dest.resolve()
+    head = Path(str(head_ref)).expanduser()
+    if d == out.resolve() or d in out.resolve().parents:
+        raise DSparkError(f"export_dir {dest} is (or holds) the run folder output_dir={out}: "
+                          "pass export_dir=<new or empty folder> (default <output_dir>/export)")
+    if head.is_dir() and (d == head.resolve() or d in head.resolve().parents or head.resolve() in d.parents):
+        raise DSparkError(f"export_dir {dest} is, holds or lies inside the head folder {head} being exported: "
+                          "pass export_dir=<new or empty folder>")
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise DSparkError(f"export_dir {dest} is a file or link, not a folder export wrote: {fix}")
+    if dest.is_dir() and any(dest.iterdir()) and not _owned(dest):
+        raise DSparkError(f"export_dir {dest} holds files dspark export did not write (no {EXPORT_MARKER} "
+                          f"marker): {fix}")
+
+
+def _owned(folder: Path) -> bool:
+    """Whether `folder` is a real folder carrying the marker export writes into its folders."""
+    try:
+        marker = json.loads((folder / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return not folder.is_symlink() and isinstance(marker, dict) and marker.get("written_by") == "dspark export"
+
+
+STALE_S = 3600   # a temporary of ours this old is left over from a killed export, not a running one
+
+
+def _recover(dest: Path) -> None:
+    """Undo what a killed export left next to `dest`: when `dest` is missing, restore the newest
+    `.<name>-old-*/<name>` of ours (killed between the two renames); then remove our temporaries an
+    hour old: `.<name>-*` folders (mkdtemp's names) that are empty, marked, or hold one marked `<name>`."""
+    ours = re.compile(rf"\.{re.escape(dest.name)}-(old-)?[a-z0-9_]{{8}}")
+    temps = [p for p in dest.parent.iterdir() if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    hidden = [p / dest.name for p in temps if list(p.iterdir()) == [p / dest.name] and _owned(p / dest.name)]
+    if hidden and not dest.exists() and not dest.is_symlink():
+        src = max(hidden, key=lambda p: (p / EXPORT_MARKER).stat().st_mtime)
+        os.replace(src, dest)
+        src.parent.rmdir()
+        temps.remove(src.parent)
+    for p in temps:
+        inside = list(p.iterdir())
+        if (not inside or _owned(p) or inside == [p / dest.name] and _owned(p / dest.name)) \
+                and time.time() - p.stat().st_mtime > STALE_S:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _swap_into_place(tmp: Path, dest: Path) -> None:
-    """Replace `dest` by the finished `tmp` (two renames; the old folder is removed last)."""
+    """Replace `dest` by the finished `tmp` (two renames; the old folder is removed last). A kill
+    between the renames leaves the old folder in `.<name>-old-*/`, which the next export restores."""
     old = None
     if dest.exists():
         old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-old-"))
         os.replace(dest, old / dest.name)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old and not dest.exists():
+            os.replace(old / dest.name, dest)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,8 @@ from .errors import DSparkError
 
 # Files that make up a head; a download fetches nothing else (no training state exists in an export).
 HEAD_FILES = ["config.json", "model.safetensors", "README.md", "vllm/*"]
+# The file `dspark export` marks its own folders with (eval/export.py); it never goes to the Hub.
+EXPORT_MARKER = ".dspark-export"
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"^({_NAME})/({_NAME})$")
@@ -74,10 +76,11 @@ def _download(repo_id: str, revision: str | None) -> str:
 
 
 def upload_plan(folder: str | Path) -> list[dict]:
-    """Exactly what `push_folder` uploads: every file under `folder`, relative path and size."""
+    """Exactly what `push_folder` uploads: every file under `folder` but the export marker, relative
+    path and size."""
     root = Path(folder)
     return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file()]
+            for p in sorted(root.rglob("*")) if p.is_file() and p != root / EXPORT_MARKER]
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False,
@@ -95,7 +98,8 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False,
                           "or set HF_TOKEN, then retry") from None
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                          ignore_patterns=[EXPORT_MARKER])
     except HfHubHTTPError as e:
         raise DSparkError(f"upload to '{repo_id}' failed: {str(e).splitlines()[0]}") from None
     return str(url)

@@ -1,11 +1,13 @@
 """`dspark export`: the export loads back strictly with identical logits, the model card carries the
 run's measured numbers (and nothing made up), the dry-run upload plan lists exactly the folder and
-validates the repo id, and a local folder and a Hub id resolve through the same function (the Hub
-download is monkeypatched: no network)."""
+validates the repo id, a local folder and a Hub id resolve through the same function (the Hub
+download is monkeypatched: no network), and export replaces only folders it wrote itself."""
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -63,7 +65,7 @@ def test_export_round_trip_is_strict_and_exact(tiny_target, tiny_prompts, tmp_pa
     head = make_run(tmp_path, tiny_target)
     summary = export.run(export_cfg(tmp_path, f"dtype={dtype}"))
     folder = tmp_path / "export"
-    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors", "vllm"]
+    assert sorted(os.listdir(folder)) == [hub.EXPORT_MARKER, "README.md", "config.json", "model.safetensors", "vllm"]
     assert [f["path"] for f in summary["files"]] == ["README.md", "config.json", "model.safetensors",
                                                      "vllm/README.md", "vllm/config.json", "vllm/model.safetensors"]
     back = load_head(folder).attach(tiny_target).eval()
@@ -144,7 +146,8 @@ def test_dry_run_lists_exactly_the_upload_and_never_pushes(tiny_target, tmp_path
     make_run(tmp_path, tiny_target)
     monkeypatch.setattr(export, "push_folder", lambda *a, **k: pytest.fail("dry run must not push"))
     summary = export.run(export_cfg(tmp_path, "dry_run=true", "repo_id=alice/tiny-dspark"))
-    on_disk = sorted(str(p.relative_to(tmp_path / "export")) for p in (tmp_path / "export").rglob("*") if p.is_file())
+    on_disk = sorted(str(p.relative_to(tmp_path / "export")) for p in (tmp_path / "export").rglob("*")
+                     if p.is_file() and p.name != hub.EXPORT_MARKER)
     assert [f["path"] for f in summary["upload_plan"]] == on_disk
     assert all(f["bytes"] == (tmp_path / "export" / f["path"]).stat().st_size for f in summary["upload_plan"])
     out = capsys.readouterr().out
@@ -221,4 +224,106 @@ def test_exported_files_are_newer_than_the_commands_output(tiny_target, tmp_path
                                                                       if k != "PYTHONUNBUFFERED"})
     assert res.returncode == 0 and "exported dspark head" in log.read_text()
     files = [p for p in (tmp_path / "export").rglob("*") if p.is_file()]
-    assert len(files) == 6 and all(p.stat().st_mtime_ns >= log.stat().st_mtime_ns for p in files)
+    assert len(files) == 7 and all(p.stat().st_mtime_ns >= log.stat().st_mtime_ns for p in files)
+
+
+def snapshot(root):
+    """Every path under `root` with its bytes (files) and mtime: equal snapshots = nothing was written."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None, p.lstat().st_mtime_ns)
+            for p in [root, *root.rglob("*")]}
+
+
+def test_export_dir_equal_to_output_dir_is_refused_and_the_run_is_untouched(tiny_target, tmp_path):
+    run = tmp_path / "run"
+    make_run(run, tiny_target)
+    for name in ["dataset/data-00000.arrow", "checkpoints/step-100/model.safetensors", "head.json"]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(os.urandom(64))
+    before = snapshot(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "dspark", "export", "target=tiny", f"output_dir={run}",
+                          f"export_dir={run}"], capture_output=True, text=True,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "export_dir" in res.stderr and str(run) in res.stderr and "pass export_dir=" in res.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["file", "foreign folder", "link", "head folder", "inside the head",
+                                   "above the run"])
+def test_export_dir_it_did_not_write_is_refused_before_anything(tiny_target, tmp_path, monkeypatch, where):
+    run = tmp_path / "run"
+    make_run(run, tiny_target)
+    (run / "notes.txt").write_text("mine")
+    (run / "mine").mkdir()
+    (run / "mine" / "a.txt").write_text("mine")
+    (run / "link").symlink_to(run / "mine")
+    dest = {"file": run / "notes.txt", "foreign folder": run / "mine", "link": run / "link",
+            "head folder": run / "head", "inside the head": run / "head" / "export", "above the run": tmp_path}[where]
+    monkeypatch.setattr(export, "load_head", lambda *a: pytest.fail("checked after loading the head"))
+    before = snapshot(tmp_path)
+    with pytest.raises(DSparkError, match="export_dir") as e:
+        export.run(export_cfg(run, f"export_dir={dest}"))
+    assert str(dest) in str(e.value) and "pass export_dir=" in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_marker_marks_the_folder_and_is_never_listed_or_uploaded(tiny_target, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    make_run(tmp_path, tiny_target)
+    (tmp_path / "export").mkdir()                       # an empty folder is accepted
+    summary = export.run(export_cfg(tmp_path, "dry_run=true", "repo_id=alice/tiny-dspark"))
+    marker = tmp_path / "export" / hub.EXPORT_MARKER
+    assert json.loads(marker.read_text())["written_by"] == "dspark export"
+    assert hub.EXPORT_MARKER not in [f["path"] for f in summary["files"] + summary["upload_plan"]]
+    assert hub.EXPORT_MARKER not in capsys.readouterr().out
+    sent = {}
+
+    class Api:
+        def whoami(self):
+            return {}
+
+        def create_repo(self, repo_id, **k):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **k):
+            sent.update(k)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    hub.push_folder(tmp_path / "export", "alice/tiny-dspark")
+    files = [p.relative_to(tmp_path / "export").as_posix() for p in sorted((tmp_path / "export").rglob("*"))
+             if p.is_file()]
+    uploaded = list(filter_repo_objects(files, ignore_patterns=sent["ignore_patterns"]))
+    assert uploaded == [f["path"] for f in hub.upload_plan(tmp_path / "export")] and len(uploaded) == len(files) - 1
+
+
+def test_interrupted_swap_is_restored_and_only_our_stale_temporaries_go(tiny_target, tmp_path, monkeypatch):
+    make_run(tmp_path, tiny_target)
+    export.run(export_cfg(tmp_path))
+    card = (tmp_path / "export" / "README.md").read_text()
+    old = tempfile.mkdtemp(dir=tmp_path, prefix=".export-old-")           # killed between the two renames
+    os.replace(tmp_path / "export", os.path.join(old, "export"))
+    build = tempfile.mkdtemp(dir=tmp_path, prefix=".export-")             # killed while writing
+    (tmp_path / build / hub.EXPORT_MARKER).write_text('{"written_by": "dspark export"}')
+    (tmp_path / build / "config.json").write_text("{")
+    empty = tempfile.mkdtemp(dir=tmp_path, prefix=".export-")             # killed right after mkdtemp
+    running = tempfile.mkdtemp(dir=tmp_path, prefix=".export-")           # another export, still writing
+    (tmp_path / running / hub.EXPORT_MARKER).write_text('{"written_by": "dspark export"}')
+    foreign = [tmp_path / ".export-notes", tempfile.mkdtemp(dir=tmp_path, prefix=".export-old-")]
+    for f in foreign:                                                      # not ours: no marker / not our name
+        (tmp_path / f / "export").mkdir(parents=True)
+        (tmp_path / f / "export" / "a.txt").write_text("mine")
+    hour_ago = time.time() - 2 * export.STALE_S
+    for p in [build, empty, *foreign]:
+        os.utime(p, (hour_ago, hour_ago))
+    monkeypatch.setattr(export.model_card, "render", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):                                      # recovers, then fails: the old one stays
+        export.run(export_cfg(tmp_path))
+    assert (tmp_path / "export" / "README.md").read_text() == card
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export"))
+    assert left == sorted([os.path.basename(running), *(os.path.basename(f) for f in foreign)])
+    assert all((tmp_path / f / "export" / "a.txt").read_text() == "mine" for f in foreign)
+    monkeypatch.undo()
+    export.run(export_cfg(tmp_path))
+    assert (tmp_path / "export" / hub.EXPORT_MARKER).is_file() and (tmp_path / "export" / "vllm").is_dir()
