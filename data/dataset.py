@@ -2,12 +2,15 @@
 deterministic held-out split that training validates on and calibration measures on."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dspark.models.errors import DSparkError
 
 
-def load_rows(data_dir: str, max_seq_len: int, vocab_size: int) -> list[dict]:
+def load_rows(data_dir: str, max_seq_len: int, vocab_size: int, target: str | None = None) -> list[dict]:
+    """The rows with response tokens, truncated to max_seq_len. With `target` (its name), a dataset that
+    `dspark generate` recorded as made for another target is refused (older datasets without the record pass)."""
     import datasets
 
     path = Path(data_dir)
@@ -20,6 +23,10 @@ def load_rows(data_dir: str, max_seq_len: int, vocab_size: int) -> list[dict]:
     missing = {"input_ids", "loss_mask", "prompt_id"} - set(ds.column_names)
     if missing:
         raise DSparkError(f"dataset {path} lacks columns {sorted(missing)}: it was not made by dspark generate")
+    made_for = generated_for(ds)
+    if target and made_for and made_for != target:
+        raise DSparkError(f"dataset {path} was generated for target '{made_for}', not '{target}': regenerate it "
+                          f"with `dspark generate target=…` for this target, or pass data_dir= of a {target} dataset")
     rows = []
     for r in ds:
         ids, mask = r["input_ids"][:max_seq_len], r["loss_mask"][:max_seq_len]
@@ -32,6 +39,15 @@ def load_rows(data_dir: str, max_seq_len: int, vocab_size: int) -> list[dict]:
     if not rows:
         raise DSparkError(f"dataset {path} has no rows with response tokens: generate more data")
     return rows
+
+
+def generated_for(ds) -> str | None:
+    """The target `dspark generate` recorded in the dataset's description (None when not recorded)."""
+    try:
+        made = json.loads(ds.info.description or "")
+    except ValueError:
+        return None
+    return made.get("target") if isinstance(made, dict) else None
 
 
 def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:

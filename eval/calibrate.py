@@ -25,7 +25,7 @@ from . import sts
 
 
 def held_out_prompts(cfg, target) -> list[list[int]]:
-    rows = load_rows(cfg.data_dir, 1 << 30, target.vocab_size)
+    rows = load_rows(cfg.data_dir, 1 << 30, target.vocab_size, target=target.name)
     _, val = split(rows, cfg.val_fraction)
     prompts = []
     for r in val[: cfg.max_prompts]:

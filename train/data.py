@@ -57,22 +57,33 @@ def sample_anchors(loss_mask: torch.Tensor, count: int, gamma: int, gen: torch.G
     return anchors, ok[:, :, None] & inside & tok_ok
 
 
+def cache_files(cache_dir: str | None, required: bool = False) -> list[Path]:
+    """The chunk files of `dspark generate cache_features=true` in `cache_dir`; none is an error when
+    `required` (features=cache)."""
+    folder = Path(cache_dir) if cache_dir else None
+    files = sorted(folder.glob("chunk-*.safetensors")) if folder and folder.is_dir() else []
+    if required and not files:
+        raise DSparkError(f"features=cache but no feature cache in features_dir={cache_dir}: run `dspark generate "
+                          "cache_features=true` into this output_dir first (or point features_dir= at its features "
+                          "folder), or use features=auto")
+    return files
+
+
 class FeatureSource:
     """Target hidden states for a batch: `layers` (B, L, k·H) and `last` (B, L, H, final-normed)."""
 
     def __init__(self, target, layer_ids: list[int], cache_dir: str | None, use_cache: str = "auto"):
+        """`use_cache` is the `features` setting: auto | memory | online | cache (cache: it must be there)."""
         self.target, self.layer_ids = target, list(layer_ids)
         self.files: dict[str, Path] = {}
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if use_cache in ("online", "memory"):
             return
-        folder = Path(cache_dir) if cache_dir else None
-        files = sorted(folder.glob("chunk-*.safetensors")) if folder and folder.is_dir() else []
-        for f in files:
+        for f in cache_files(cache_dir, required=use_cache == "cache"):
             with safe_open(str(f), "pt") as fh:
                 meta = fh.metadata() or {}
                 if json.loads(meta.get("layers", "[]")) != self.layer_ids or meta.get("target") != target.name:
-                    if use_cache == "always":
+                    if use_cache == "cache":
                         raise DSparkError(f"feature cache {f} holds layers {meta.get('layers')} of target "
                                           f"{meta.get('target')}, the head needs {self.layer_ids} of {target.name}: "
                                           "regenerate with matching feature_layers or set features=online")
@@ -80,8 +91,6 @@ class FeatureSource:
                     return
                 for key in fh.keys():
                     self.files[key.rsplit(".", 1)[0]] = f
-        if use_cache == "always" and not self.files:
-            raise DSparkError(f"features=cache but no feature cache in {cache_dir}: run dspark generate cache_features=true")
 
     @property
     def mode(self) -> str:

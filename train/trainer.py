@@ -28,8 +28,41 @@ from dspark.models.errors import DSparkError
 from dspark.models.losses import expected_tau, lr_factor
 from dspark.models.target import load_target
 
-from .data import FeatureSource, collate, draft_vocabulary
+from .data import FeatureSource, cache_files, collate, draft_vocabulary
 from .objectives import OBJECTIVES
+
+# The checkpoints folder belongs to one run: every checkpoint records the run's settings (the resolved
+# config minus the keys below) and `resume=true` continues only a run with the same ones. The keys below
+# may change between a run and its resumption: how long it runs, how it logs, validates and saves, how
+# target features are obtained, and where files live (output_dir and the paths derived from it; the
+# dataset is compared by its identity, datasets' fingerprint in state.json, so a moved folder still
+# resumes and a regenerated dataset does not). Everything else (target, draft, optim, loss, seed, data
+# selection, max_steps: the LR schedule depends on it) must match.
+RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "save_every", "keep_checkpoints",
+                            "logger", "features", "features_dir", "features_memory_gb", "feature_batch_size",
+                            "output_dir", "data_dir", "target.cache_dir", "hydra"})
+
+
+def run_settings(cfg) -> dict:
+    """What the run computes, as {dotted key: value} (kept in each checkpoint's trainer_state.json)."""
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if f"{prefix}{k}" in RESUMABLE_KEYS:
+                continue
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk({k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+          for k, v in cfg.items() if k not in RESUMABLE_KEYS}, "")
+    try:
+        flat["dataset_fingerprint"] = json.loads((Path(cfg.data_dir) / "state.json").read_text()).get("_fingerprint")
+    except (OSError, ValueError):
+        flat["dataset_fingerprint"] = None
+    return json.loads(json.dumps(flat, default=str))   # as read back from the json
 
 
 def build_head(d, target, d2t) -> DSparkDraft | Eagle3Draft:
@@ -73,8 +106,13 @@ class Trainer:
                                log_with="wandb" if cfg.logger.name == "wandb" else None)
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
+        self.settings = run_settings(cfg)
+        self.resume_from = self._check_checkpoints()   # refusals first: before anything is loaded or written
+        self.last_ckpt = self.resume_from
+        if cfg.features == "cache":
+            cache_files(cfg.features_dir, required=True)
         self.target = load_target(cfg.target, device=self.acc.device)
-        rows = load_rows(cfg.data_dir, cfg.max_seq_len, self.target.vocab_size)
+        rows = load_rows(cfg.data_dir, cfg.max_seq_len, self.target.vocab_size, target=self.target.name)
         self.train_rows, self.val_rows = split(rows, cfg.val_fraction)
         d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
         self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
@@ -92,9 +130,15 @@ class Trainer:
 
     def _maybe_precompute(self) -> None:
         cfg, f = self.cfg, self.features
+        rows = self.train_rows + self.val_rows
+        if cfg.features == "cache":
+            missing = sum(r["prompt_id"] not in f.files for r in rows)
+            if missing:
+                raise DSparkError(f"features=cache but the feature cache in {cfg.features_dir} lacks {missing} of the "
+                                  f"dataset's {len(rows)} rows: regenerate it (dspark generate cache_features=true) "
+                                  "or use features=auto")
         if f.mode == "cache" or cfg.features == "online":
             return
-        rows = self.train_rows + self.val_rows
         need = sum(len(r["input_ids"]) for r in rows) * f.bytes_per_token() / 2**30
         if need <= cfg.features_memory_gb:
             f.precompute(rows, cfg.feature_batch_size, disable_bar=not self.acc.is_main_process)
@@ -115,8 +159,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        if self.cfg.resume:
-            self._resume()
+        if self.resume_from:
+            self._resume(self.resume_from)
         cfg, acc, st = self.cfg, self.acc, self.state
         if acc.is_main_process and cfg.logger.name == "wandb":
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -127,7 +171,9 @@ class Trainer:
                    disable=not acc.is_main_process)
         t_start, base_seconds = time.perf_counter(), st["seconds"]
         window = {"loss": 0.0, "count": 0.0}
-        stop = False
+        # nothing left to do (a finished run resumed; max_steps < 1): no step beyond max_steps
+        stop = (st["step"] >= cfg.max_steps or st["seconds"] >= budget
+                or bool(cfg.stop_after_steps and st["step"] >= cfg.stop_after_steps))
         while not stop:
             batches = self._epoch_batches(st["epoch"])
             for bi in range(st["batch"], len(batches)):
@@ -229,28 +275,51 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(self.state))
+            (tmp / "trainer_state.json").write_text(json.dumps({**self.state, "settings": self.settings}))
             final = root / f"step-{self.state['step']:07d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
+            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:   # all this run's (_check_checkpoints)
                 shutil.rmtree(old, ignore_errors=True)
+        self.last_ckpt = self.out / "checkpoints" / f"step-{self.state['step']:07d}"
         self.acc.wait_for_everyone()
 
     def _latest(self) -> Path | None:
         found = sorted((self.out / "checkpoints").glob("step-*"))
         return found[-1] if found else None
 
-    def _resume(self) -> None:
-        ckpt = self._latest()
-        if ckpt is None:
-            raise DSparkError(f"resume=true but no checkpoint in {self.out / 'checkpoints'}: start without resume")
+    def _check_checkpoints(self) -> Path | None:
+        """The checkpoint to resume from (None for a fresh run), or one DSparkError: a fresh run never writes
+        into (or rotates away) another run's checkpoints, and resume=true continues only a run with the same
+        settings. Reads only, so a refused run leaves output_dir as it was."""
+        root, latest = self.out / "checkpoints", self._latest()
+        if not self.cfg.resume:
+            if latest:
+                raise DSparkError(f"{root} holds the checkpoints of an earlier run (latest {latest.name}): "
+                                  "resume=true continues it; pass a new output_dir= to start over")
+            return None
+        if latest is None:
+            raise DSparkError(f"resume=true but no checkpoint in {root}: start without resume=true")
+        saved = json.loads((latest / "trainer_state.json").read_text()).get("settings")
+        if saved is None:   # written before checkpoints recorded their settings
+            if self.acc.is_main_process:
+                tqdm.write(f"note: {latest} records no settings; resuming without comparing them")
+        elif saved != self.settings:
+            now = self.settings
+            diff = ", ".join(f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+                             for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+            raise DSparkError(f"resume=true but {latest} was written with other settings ({diff}): resume with the "
+                              "same settings, or pass a new output_dir= to start over")
+        return latest
+
+    def _resume(self, ckpt: Path) -> None:
         self.acc.load_state(str(ckpt))
         self.state = json.loads((ckpt / "trainer_state.json").read_text())
+        self.state.pop("settings", None)
         tqdm.write(f"resumed from {ckpt} (step {self.state['step']})")
 
     def _nan_message(self) -> str:
-        ckpt = self._latest()
+        ckpt = self.last_ckpt   # this run's (or the one it resumed), never an older run's
         keep = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
         return (f"loss became NaN/inf at step {self.state['step']}; {keep}. Lower optim.lr or check the data, "
                 "then rerun (resume=true continues from the checkpoint)")
