@@ -5,9 +5,15 @@ prompt text (deterministic, recorded in heldout.jsonl, never generated) → each
 prompts[rank::world] → batched decoding on the runtime (length-sorted batches, left padded) →
 chunks of finished rows written with atomic renames (a re-run skips every prompt already in a chunk)
 → rank 0 merges the chunks into one `datasets` Arrow dataset at `<output_dir>/dataset`.
+
+Reuse: a row is keyed by its prompt id and reused under the same generation settings (`_row_settings`;
+a sampled row is seeded by its prompt id, so a resumed run equals an uninterrupted one); the merged
+dataset also depends on the prompt selection. Every check runs before the first write, and one lock
+per rank keeps a second job off the folder.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,12 +66,24 @@ def select_prompts(cfg) -> tuple[list[str], list[str], dict]:
     return train, heldout, skipped
 
 
-def settings(cfg, target) -> dict:
+def row_seed(seed: int, pid: str) -> int:
+    """A sampled row's own seed: the same row whatever batch, rank or (resumed) run makes it."""
+    return (int(pid, 16) + seed) % 2**63
+
+
+def settings(cfg, target, train: list[str], heldout: list[str]) -> dict:
+    """What the finished dataset depends on: the generation settings and the prompt selection (the
+    source config and a digest of the selected prompt ids, so an edited file counts as a change too)."""
+    from omegaconf import OmegaConf
+
+    ids = json.dumps([[prompt_id(t) for t in train], [prompt_id(t) for t in heldout]])
     return {"target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
             "source": cfg.data.source, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "top_p": cfg.top_p, "heldout_fraction": cfg.heldout_fraction, "max_prompts": cfg.max_prompts,
             "seed": cfg.seed, "cache_features": bool(cfg.cache_features),
-            "feature_layers": check_layers(target, cfg.feature_layers) if cfg.cache_features else None}
+            "feature_layers": check_layers(target, cfg.feature_layers) if cfg.cache_features else None,
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "prompts_digest": hashlib.sha1(ids.encode()).hexdigest()[:16]}
 
 
 def run(cfg) -> dict:
@@ -77,65 +96,115 @@ def run(cfg) -> dict:
     target.encode_chat("probe")   # no chat template → one clear error before any work
     if cfg.cache_features:
         check_layers(target, cfg.feature_layers)
-    want = settings(cfg, target)
-    summary_path = out / "generate.json"
-    if summary_path.is_file() and (out / "dataset").is_dir():
-        done = json.loads(summary_path.read_text())
-        if done.get("settings") == want:
-            if acc.is_main_process:
-                print(f"nothing to do: {done['prompts']} prompts already generated in {out / 'dataset'}")
-            return done
+    engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
     train, heldout, skipped = select_prompts(cfg)
-    chunks = out / "chunks"
-    _check_chunk_settings(chunks, want)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        chunks.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(chunks / "settings.json", _row_settings(want))
-        write_text_atomic(out / "heldout.jsonl", "".join(
-            json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n" for t in heldout))
-    acc.wait_for_everyone()
-    t0 = time.perf_counter()
-    made = _generate_slice(cfg, target, train[acc.process_index::acc.num_processes], chunks)
-    acc.wait_for_everyone()
-    if acc.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        made = sum(gather_object([made]))   # response tokens made by every process this run
-    if cfg.cache_features:
-        from .features import cache_features
-
-        cache_features(target, cfg.feature_layers, chunks, out / "features", acc.process_index, acc.num_processes)
+    want = settings(cfg, target, train, heldout)
+    with output_lock(out, acc.process_index):   # before the first write; a refused run leaves nothing
+        summary_path = out / "generate.json"
+        if summary_path.is_file() and (out / "dataset").is_dir():
+            done = json.loads(summary_path.read_text())
+            if done.get("settings") == want:
+                if acc.is_main_process:
+                    print(f"nothing to do: {done['prompts']} prompts already generated in {out / 'dataset'}")
+                return done
+        chunks = out / "chunks"
+        _check_chunk_settings(chunks, want)
+        done_ids = _done_ids(chunks)
+        limit, bound = _prompt_limit(cfg, target)
+        if not any(prompt_id(t) in done_ids or len(target.encode_chat(t)) <= limit for t in train):
+            raise DSparkError(f"all {len(train)} prompts are longer than {bound}")
         acc.wait_for_everyone()
-    summary = {}
-    if acc.is_main_process:
-        summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0)
-        print(f"generated {summary['prompts']} prompts, {summary['tokens']} response tokens "
-              f"({summary['tokens_per_s']:.1f} tok/s this run); {len(heldout)} held out; skipped {skipped}")
-    acc.wait_for_everyone()
-    return summary
+        if acc.is_main_process:   # every check passed: the run's first files
+            chunks.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(chunks / "settings.json", _row_settings(want))
+            write_text_atomic(out / "heldout.jsonl", "".join(
+                json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n"
+                for t in heldout))
+        acc.wait_for_everyone()
+        t0 = time.perf_counter()
+        made = _generate_slice(cfg, engine, train[acc.process_index::acc.num_processes], chunks, done_ids, limit)
+        acc.wait_for_everyone()
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            made = sum(gather_object([made]))   # response tokens made by every process this run
+        if cfg.cache_features:
+            from .features import cache_features
+
+            cache_features(target, cfg.feature_layers, chunks, out / "features", acc.process_index,
+                           acc.num_processes)
+            acc.wait_for_everyone()
+        summary = {}
+        if acc.is_main_process:
+            summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0)
+            print(f"generated {summary['prompts']} prompts, {summary['tokens']} response tokens "
+                  f"({summary['tokens_per_s']:.1f} tok/s this run); {len(heldout)} held out; skipped {skipped}")
+        acc.wait_for_everyone()
+        return summary
+
+
+@contextmanager
+def output_lock(out: Path, rank: int = 0):
+    """Hold `<out>/.generate-rank<rank>.lock` (non-blocking flock, one per rank of `accelerate launch`;
+    the kernel drops it when the process ends, even killed), making `out` if needed. On the way out the
+    lock file goes, and so do the folders this run made if they are left empty (a refused run)."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f".generate-rank{rank}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DSparkError(f"another dspark generate is writing to {out} (pid {pid}): "
+                              "wait for it or pass another output_dir=") from None
+        except OSError as e:   # a filesystem without flock (some NFS mounts)
+            os.close(fd)
+            raise DSparkError(f"cannot lock {path} ({e.strerror}): pass an output_dir= on a local disk") from None
+        if path.exists() and path.stat().st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)   # its last holder removed the file as we opened it: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)   # while still held, so no one locks a file that is gone
+        os.close(fd)
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break   # not empty: this run wrote there
 
 
 def _row_settings(want: dict) -> dict:
-    """The settings a generated row depends on (not the prompt selection: max_prompts, heldout_fraction)."""
+    """The settings a generated row depends on (not the prompt selection: max_prompts, heldout_fraction, data)."""
     return {k: v for k, v in want.items() if k not in ("max_prompts", "heldout_fraction", "cache_features",
-                                                       "feature_layers")}
+                                                       "feature_layers", "data", "prompts_digest")}
 
 
 def _check_chunk_settings(chunks: Path, want: dict) -> None:
-    """Chunks made with other generation settings must not be mixed into this run's dataset."""
+    """Chunks made with other generation settings must not be mixed into this run's dataset. Without a
+    chunk file a settings.json binds nothing (left by a run stopped before its first chunk)."""
     f = chunks / "settings.json"
-    if f.is_file() and json.loads(f.read_text()) != _row_settings(want):
-        old = json.loads(f.read_text())
+    if not f.is_file() or not any(chunks.glob("chunk-*.jsonl")):
+        return
+    old = json.loads(f.read_text())
+    if old != _row_settings(want):
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _row_settings(want).items() if old.get(k) != v)
         raise DSparkError(f"'{chunks.parent}' holds chunks generated with other settings ({diff}): "
                           "pass a new output_dir= or delete that folder")
 
 
 def _check_writable(out: Path) -> None:
+    """Fail before any work on a folder that cannot be written; makes nothing (the probe goes in the
+    nearest existing folder, `output_lock` makes `out`)."""
+    base = next(p for p in (out, *out.parents) if p.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"   # one per process: ranks probe at the same time
+        probe = base / f".write-probe-{os.getpid()}"   # one per process: ranks probe at the same time
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -149,10 +218,18 @@ def _done_ids(chunks: Path) -> set[str]:
     return ids
 
 
-def _generate_slice(cfg, target, texts: list[str], chunks: Path) -> int:
+def _prompt_limit(cfg, target) -> tuple[int, str]:
+    """The most tokens a prompt may have (chat template included), and the setting that sets it."""
+    room = target.max_context - cfg.max_new_tokens
+    if cfg.max_prompt_tokens <= room:
+        return cfg.max_prompt_tokens, f"max_prompt_tokens={cfg.max_prompt_tokens} tokens: raise it or check the source"
+    return room, (f"{room} tokens (the target's context {target.max_context} minus max_new_tokens="
+                  f"{cfg.max_new_tokens}): lower max_new_tokens or shorten the prompts")
+
+
+def _generate_slice(cfg, engine: Engine, texts: list[str], chunks: Path, done: set[str], limit: int) -> int:
     """Generate every prompt of this process's slice not already in a chunk; returns tokens made."""
-    done = _done_ids(chunks)
-    limit = min(cfg.max_prompt_tokens, target.max_context - cfg.max_new_tokens)
+    target = engine.target
     todo = []
     for text in texts:
         if prompt_id(text) in done:
@@ -162,12 +239,12 @@ def _generate_slice(cfg, target, texts: list[str], chunks: Path) -> int:
             continue   # counted at the merge: a training prompt without a row was too long
         todo.append((text, ids))
     todo.sort(key=lambda x: len(x[1]))     # length-sorted batches waste little on padding
-    engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
     buffer, written, made, t0 = [], 0, 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=not todo)
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start:start + cfg.batch_size]
-        res = engine.generate([ids for _, ids in batch], cfg.max_new_tokens, seed=cfg.seed + start)
+        res = engine.generate([ids for _, ids in batch], cfg.max_new_tokens,
+                              seed=[row_seed(cfg.seed, prompt_id(text)) for text, _ in batch])
         for (text, ids), out in zip(batch, res.outputs):
             buffer.append({"prompt_id": prompt_id(text), "source": cfg.data.source, "prompt_tokens": len(ids),
                            "input_ids": ids + out, "finish": "eos" if out and out[-1] in target.eos_token_ids else "length"})
@@ -199,12 +276,6 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
                 rows[r["prompt_id"]] = r
     ordered = sorted(rows.values(), key=lambda r: order[r["prompt_id"]])
     skipped["too_long_tokens"] = len(train) - len(ordered)
-    if not ordered:
-        if not (out / "generate.json").exists():   # a fresh run leaves nothing behind
-            shutil.rmtree(out / "chunks", ignore_errors=True)
-            (out / "heldout.jsonl").unlink(missing_ok=True)
-        raise DSparkError(f"all {len(train)} prompts are longer than max_prompt_tokens={cfg.max_prompt_tokens} "
-                          "tokens: raise it or check the source")
     ds = datasets.Dataset.from_dict({
         "input_ids": [r["input_ids"] for r in ordered],
         "loss_mask": [[0] * r["prompt_tokens"] + [1] * (len(r["input_ids"]) - r["prompt_tokens"]) for r in ordered],

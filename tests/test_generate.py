@@ -188,3 +188,101 @@ def test_all_prompts_too_long_leaves_nothing(tmp_path):
     with pytest.raises(DSparkError, match="longer than max_prompt_tokens=2"):
         run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0", "max_prompt_tokens=2"))
     assert not (out / "chunks").exists() and not (out / "heldout.jsonl").exists()
+
+
+def snapshot(folder):
+    """Every file under a folder with its bytes (a refused run must change none)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_changed_prompt_source_regenerates(tmp_path):
+    import datasets
+
+    from dspark.data.generate import prompt_id
+
+    a = jsonl(tmp_path, PROMPTS[:4], "a.jsonl")
+    b = jsonl(tmp_path, PROMPTS[2:6], "b.jsonl")
+    out = tmp_path / "o"
+    args = ["heldout_fraction=0", "max_new_tokens=4"]
+
+    def ids():
+        return datasets.load_from_disk(str(out / "dataset"))["prompt_id"]
+
+    run(cfg_for(out, "data=jsonl", f"data.path={a}", *args))
+    assert ids() == [prompt_id(p["prompt"].strip()) for p in PROMPTS[:4]]
+    run(cfg_for(out, "data=jsonl", f"data.path={b}", *args))   # another file: re-merged, shared rows reused
+    assert ids() == [prompt_id(p["prompt"].strip()) for p in PROMPTS[2:6]]
+    jsonl(tmp_path, PROMPTS[8:10], "a.jsonl")                 # the same path, edited
+    run(cfg_for(out, "data=jsonl", f"data.path={a}", *args))
+    assert ids() == [prompt_id(p["prompt"].strip()) for p in PROMPTS[8:10]]
+
+
+def test_settings_without_chunks_do_not_block(tmp_path):
+    f = jsonl(tmp_path, PROMPTS[:3])
+    out = tmp_path / "o"
+    (out / "chunks").mkdir(parents=True)
+    (out / "chunks" / "settings.json").write_text(json.dumps({"temperature": -1.0}))   # left by a refused run
+    assert run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0", "max_new_tokens=4"))["prompts"] == 3
+
+
+def test_sampled_resume_equals_uninterrupted(tmp_path):
+    import datasets
+
+    f = jsonl(tmp_path, PROMPTS)
+    args = ["data=jsonl", f"data.path={f}", "heldout_fraction=0", "temperature=1.0", "max_new_tokens=8",
+            "batch_size=2", "chunk_size=3"]
+    run(cfg_for(tmp_path / "whole", *args))
+    with pytest.raises(SystemExit):
+        run(cfg_for(tmp_path / "cut", *args, "stop_after_chunks=2"))
+    run(cfg_for(tmp_path / "cut", *args))
+    a = datasets.load_from_disk(str(tmp_path / "whole" / "dataset")).to_dict()
+    b = datasets.load_from_disk(str(tmp_path / "cut" / "dataset")).to_dict()
+    assert a == b and len(a["prompt_id"]) == 12
+
+
+def test_engine_per_row_seeds_ignore_the_batch(tiny_target, tiny_prompts):
+    from dspark.inference import Engine
+
+    engine = Engine(tiny_target, temperature=1.0)
+    batch = engine.generate(tiny_prompts, 12, seed=[11, 22, 33], eos_token_ids=[]).outputs
+    alone = engine.generate(tiny_prompts[1:2], 12, seed=[22], eos_token_ids=[]).outputs
+    flipped = engine.generate(tiny_prompts[::-1], 12, seed=[33, 22, 11], eos_token_ids=[]).outputs
+    assert alone[0] == batch[1] and flipped == batch[::-1]
+    assert engine.generate(tiny_prompts[1:2], 12, seed=[23], eos_token_ids=[]).outputs != alone   # the seed matters
+    with pytest.raises(DSparkError, match="one seed per prompt"):
+        engine.generate(tiny_prompts, 4, seed=[1])
+
+
+def test_non_utf8_jsonl_is_one_error(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DSparkError, match=r"latin1.jsonl:2: not UTF-8 .*0xe9.*convert"):
+        run(cfg_for(tmp_path / "new" / "o", "data=jsonl", f"data.path={bad}"))
+    assert not (tmp_path / "new").exists()   # a refused run leaves no folder
+
+
+def test_second_run_on_a_locked_folder_is_refused(tmp_path):
+    from dspark.data.generate import output_lock
+
+    f = jsonl(tmp_path, PROMPTS[:3])
+    out = tmp_path / "o"
+    args = ["data=jsonl", f"data.path={f}", "heldout_fraction=0", "max_new_tokens=4"]
+    with pytest.raises(SystemExit):
+        run(cfg_for(out, *args, "batch_size=1", "chunk_size=1", "stop_after_chunks=1"))
+    before = snapshot(out)
+    with output_lock(out):   # as another job would hold it
+        with pytest.raises(DSparkError, match=rf"another dspark generate is writing to .*o \(pid {os.getpid()}\)"):
+            run(cfg_for(out, *args))
+    assert snapshot(out) == before   # released: its lock file is gone too
+    with pytest.raises(DSparkError, match="max_new_tokens: 4 -> 5"):
+        run(cfg_for(out, *args, "max_new_tokens=5"))
+    assert snapshot(out) == before   # a run refused after taking the lock changes nothing either
+    assert run(cfg_for(out, *args))["prompts"] == 3   # and the lock does not outlive a run
+
+
+def test_too_long_names_the_limit_that_bound(tmp_path):
+    f = jsonl(tmp_path, PROMPTS[:2])
+    with pytest.raises(DSparkError, match=r"longer than 6 tokens \(the target's context 4096 minus max_new_tokens=4090"):
+        run(cfg_for(tmp_path / "o", "data=jsonl", f"data.path={f}", "max_prompt_tokens=100000",
+                    "max_new_tokens=4090"))
+    assert not (tmp_path / "o").exists()
