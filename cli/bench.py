@@ -1,7 +1,7 @@
 """`dspark bench` = `python -m dspark.bench`: every method side by side on one prompt set."""
 import hydra
 
-from dspark.models.errors import guarded
+from dspark.guard import guarded
 
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="bench", version_base="1.3")

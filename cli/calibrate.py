@@ -1,7 +1,7 @@
 """`dspark calibrate` = `python -m dspark.calibrate`: STS temperatures for a trained head."""
 import hydra
 
-from dspark.models.errors import guarded
+from dspark.guard import guarded
 
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="calibrate", version_base="1.3")

@@ -1,7 +1,7 @@
 """`dspark export` = `python -m dspark.export`: a Hub-ready head folder (and `push_to_hub=true`)."""
 import hydra
 
-from dspark.models.errors import guarded
+from dspark.guard import guarded
 
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="export", version_base="1.3")

@@ -1,7 +1,7 @@
 """`dspark generate` = `python -m dspark.generate` (also under `accelerate launch`)."""
 import hydra
 
-from dspark.models.errors import guarded
+from dspark.guard import guarded
 
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="generate", version_base="1.3")

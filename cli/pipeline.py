@@ -36,6 +36,8 @@ from omegaconf import OmegaConf, open_dict
 from dspark.models.files import write_json_atomic
 from dspark.models.errors import DSparkError
 
+from .settings import check
+
 STAGES = ("generate", "train", "calibrate", "bench", "export")
 RUNNERS = {"generate": "dspark.data.generate", "train": "dspark.train.trainer", "calibrate": "dspark.eval.calibrate",
            "bench": "dspark.eval.bench", "export": "dspark.eval.export"}
@@ -43,10 +45,9 @@ RUNNERS = {"generate": "dspark.data.generate", "train": "dspark.train.trainer", 
 
 def run(cfg) -> dict:
     out = Path(cfg.output_dir)
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise DSparkError(f"unknown stage(s) {unknown} in stages=: choose from {list(STAGES)}")
     configs = {s: stage_config(cfg, s) for s in cfg.stages}   # all composed first: a bad override fails early
+    for stage, scfg in configs.items():                       # and every stage's settings checked before any work
+        check(stage, scfg)
     fingerprints = {s: fingerprint(c) for s, c in configs.items()}
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_json(out / "run.json") or {}
@@ -60,22 +61,17 @@ def run(cfg) -> dict:
         if decision == "reuse":
             status = "reused"
         else:
-            runner = _runner(stage)
-            if runner is None:
-                status = "unavailable"
-            else:
-                if decision == "resume":
-                    with open_dict(scfg):
-                        scfg.resume = True
-                print(f"[dspark run] {stage}: {'resuming' if decision == 'resume' else 'running'} …", flush=True)
-                before = _mtime(out / f"{stage}.json")
-                runner(scfg)
-                status = "resumed" if decision == "resume" else "ran"
-                if stage == "generate" and _mtime(out / "generate.json") == before != float("inf"):
-                    status = "reused"   # generate found every prompt done ("nothing to do")
+            if decision == "resume":
+                with open_dict(scfg):
+                    scfg.resume = True
+            print(f"[dspark run] {stage}: {'resuming' if decision == 'resume' else 'running'} …", flush=True)
+            before = _mtime(out / f"{stage}.json")
+            importlib.import_module(RUNNERS[stage]).run(scfg)
+            status = "resumed" if decision == "resume" else "ran"
+            if stage == "generate" and _mtime(out / "generate.json") == before != float("inf"):
+                status = "reused"   # generate found every prompt done ("nothing to do")
         seconds = time.perf_counter() - t0
-        note = {"unavailable": " (stage not built in this version; skipped)"}.get(status, "")
-        print(f"[dspark run] {stage}: {status} in {seconds:.1f}s{note}", flush=True)
+        print(f"[dspark run] {stage}: {status} in {seconds:.1f}s", flush=True)
         record["stages"][stage] = {"status": status, "seconds": seconds, "fingerprint": fp}
         write_json_atomic(out / "run.json", record)   # progress survives an interruption
     record["seconds"] = time.perf_counter() - t_all
@@ -170,16 +166,6 @@ def fingerprint(scfg) -> str:
         raise DSparkError(f"stage config incomplete: {str(e).splitlines()[0]}") from None
     data.pop("resume", None)   # resuming is how a stage runs, not what it computes
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _runner(stage: str):
-    """The stage's `run(cfg)`, or None when that stage is not built in this version."""
-    try:
-        return importlib.import_module(RUNNERS[stage]).run
-    except ModuleNotFoundError as e:
-        if e.name == RUNNERS[stage]:
-            return None
-        raise
 
 
 # ------------------------------------------------------------------ what to reuse

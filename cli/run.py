@@ -1,12 +1,12 @@
 """`dspark run` = `python -m dspark.run`: generate → train → calibrate → bench → export, reusing finished work."""
 import hydra
 
-from dspark.models.errors import guarded
+from dspark.guard import guarded
 
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="run", version_base="1.3")
 def main(cfg):
-    from dspark.eval.pipeline import run
+    from dspark.pipeline import run
 
     return guarded("run", run, cfg)
 

@@ -23,28 +23,23 @@ from dspark.models.heads import load_head
 from dspark.models.hub import is_repo_ref
 from dspark.models.errors import DSparkError
 from dspark.models.files import write_json_atomic, write_text_atomic
-from dspark.models.target import load_target
+from dspark.models.target import check_head_target, load_target
 
 from .prompts import load_prompts
 from .report import load_summary, markdown, write_plots
 
-KNOWN = ("plain", "oracle", "prompt_lookup", "hf_prompt_lookup", "hf_generate")
-POLICIES = ("all", "sched", "threshold")     # plus gamma<N>; applied to every trained head
-
-
 def run(cfg) -> dict:
-    unknown = [m for m in cfg.methods if m not in KNOWN]
-    if unknown:
-        raise DSparkError(f"unknown bench method(s) {unknown}: choose from {list(KNOWN)}")
-    bad = [p for p in cfg.policies if p not in POLICIES and not (p.startswith("gamma") and p[5:].isdigit())]
-    if bad:
-        raise DSparkError(f"unknown verification policy {bad}: choose from {list(POLICIES)} or gamma<N>")
     out_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    target = load_target(cfg.target)
     texts = load_prompts(cfg.prompts)
+    heads = trained_heads(cfg)          # a missing or mismatched head fails before the target loads
+    target = load_target(cfg.target)
     prompts = [target.encode_chat(t) for t in texts]
-    bench = Bench(target, prompts, cfg, trained_heads(cfg))
+    for i, p in enumerate(prompts):
+        if len(p) + cfg.max_new_tokens > target.max_context:
+            raise DSparkError(f"prompt {i} has {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} > the target's "
+                              f"context {target.max_context}: lower max_new_tokens or use shorter prompts")
+    bench = Bench(target, prompts, cfg, heads)
     bench.warm_up()
     methods = {}
     reference = bench.plain_reference()
@@ -87,16 +82,23 @@ RELEASED = Path(__file__).resolve().parents[1] / "heads"     # committed heads (
 def trained_heads(cfg) -> dict:
     """Method name → head: `head` (default <output_dir>/head, used when present; else, with
     `released_head=true`, the committed head for this target under heads/) and every folder in
-    `extra_heads` (must exist). Named by kind (dspark / dflash), plus the folder name on a clash."""
+    `extra_heads` (must exist). An explicit `head=` must exist. Named by kind (dspark / dflash), plus
+    the folder name on a clash. Every head must belong to the configured target."""
     head = cfg.head
     local = Path(str(head)).expanduser()
-    if head and not local.is_dir() and (local.parent.is_dir() or not is_repo_ref(head)):   # no trained head yet
+    out = Path(str(cfg.output_dir)).expanduser()
+    default = local.name == "head" and (local.parent == out or local.parent in out.parents)   # multirun: the sweep root's
+    if head and default and not local.is_dir():   # no trained head in output_dir yet
         released = RELEASED / cfg.target.name
         head = str(released) if cfg.get("released_head") and (released / "config.json").is_file() else None
+    elif head and not local.is_dir() and (local.parent.is_dir() or not is_repo_ref(head)):
+        raise DSparkError(f"head={head} does not exist: pass a trained head folder or Hub repo id, "
+                          "or drop head= to use <output_dir>/head")
     folders = ([head] if head else []) + list(cfg.extra_heads)
     heads = {}
     for folder in folders:
         head = load_head(folder)
+        check_head_target(head, cfg.target, folder)
         name = head.config.kind
         heads[name if name not in heads else f"{name}:{Path(folder).name}"] = head
     return heads

@@ -15,14 +15,14 @@ never be drafted, so verification counts it as a rejection.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import DSparkError
-from .head_base import DraftHeadBase
+from .head_base import DraftHeadBase, config_from_dict
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
 
@@ -71,12 +71,8 @@ class DSparkConfig:
         return self.target_hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DSparkConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"architectures"})
-        if unknown:
-            raise DSparkError(f"draft config has unknown keys {unknown}: is this a DSpark head folder?")
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict):
+        return config_from_dict(cls, d, "DSpark")
 
 
 class RMSNorm(nn.Module):

@@ -22,7 +22,7 @@ the LM-head cost; a target token outside it can never be drafted.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from .dspark import MLP, RMSNorm, rope
 from .errors import DSparkError
-from .head_base import DraftHeadBase
+from .head_base import DraftHeadBase, config_from_dict
 
 
 @dataclass
@@ -69,12 +69,8 @@ class Eagle3Config:
         return self.target_hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Eagle3Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"architectures"})
-        if unknown:
-            raise DSparkError(f"EAGLE-3 draft config has unknown keys {unknown}: is this an Eagle3Draft head folder?")
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict):
+        return config_from_dict(cls, d, "EAGLE-3")
 
 
 def eagle3_layer_ids(num_layers: int) -> list[int]:

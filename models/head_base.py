@@ -4,13 +4,31 @@ dataclass) and `model.safetensors`, loaded strictly with one clear error per kin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import DSparkError
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "list": (list,), "bool": (bool,)}
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A head config dataclass from config.json: unknown keys and values of the wrong type are one clear
+    error each (`"gamma": "seven"` names gamma), before any tensor is built."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known) - {"architectures"})
+    if unknown:
+        raise DSparkError(f"{what} config has unknown keys {unknown}: is this a {what} head folder?")
+    for name, f in known.items():
+        v = d.get(name, MISSING)
+        want = _TYPES.get(str(f.type))
+        if v is not MISSING and want and (not isinstance(v, want) or isinstance(v, bool) and bool not in want):
+            raise DSparkError(f"{what} config field {name}={v!r} should be of type {f.type}: re-export the head")
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class DraftHeadBase:
@@ -73,9 +91,12 @@ class DraftHeadBase:
             named = (raw.get("architectures") or [arch])[0]
             if named != arch:
                 raise DSparkError(f"{folder / 'config.json'} names architecture '{named}', not {arch}")
-            config = cls.config_class.from_dict(raw)
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise DSparkError(f"{folder / 'config.json'} is malformed ({e}): re-export the head") from None
+        try:
+            config = cls.config_class.from_dict(raw)
+        except (TypeError, ValueError, DSparkError) as e:
+            raise DSparkError(f"{folder / 'config.json'}: {e}") from None
         try:
             state = load_file(str(folder / "model.safetensors"))
         except Exception as e:   # safetensors raises its own error type for a damaged file

@@ -91,13 +91,26 @@ class Target:
         return list(ids)
 
 
+def target_name(cfg) -> str:
+    """The name stages record for the target of a `conf/target` node (before loading it)."""
+    return str(cfg.name_or_path).rstrip("/").split("/")[-1] if cfg.get("name_or_path") else str(cfg.name)
+
+
+def check_head_target(head, cfg, where) -> None:
+    """A head trained for another target would verify garbage: refuse it before any target work."""
+    name = target_name(cfg)
+    if head.config.target and head.config.target != name:
+        raise DSparkError(f"head {where} was trained for target '{head.config.target}' but target is '{name}': "
+                          "pass the matching target=… (or target.name_or_path=…)")
+
+
 def load_target(cfg, device: torch.device | None = None) -> Target:
     """Build the target described by a `conf/target/*.yaml` node."""
     device = device or pick_device()
     dtype = parse_dtype(cfg.get("dtype", "bfloat16"))
     if cfg.get("name_or_path"):
         model, tok, source = _load_pretrained(cfg, dtype)
-        name = str(cfg.name_or_path).rstrip("/").split("/")[-1]
+        name = target_name(cfg)
     elif cfg.get("gguf_package"):
         folder = _gguf_cache(cfg)
         model, tok, _ = _load_pretrained({**_plain(cfg), "name_or_path": str(folder)}, dtype)

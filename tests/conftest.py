@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-torch.set_flush_denormal(True)   # as the dspark CLI does (models/errors.py guarded)
+torch.set_flush_denormal(True)   # as the dspark CLI does (cli/guard.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

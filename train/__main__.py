@@ -1,7 +1,7 @@
 """`dspark train` = `python -m dspark.train` = `accelerate launch -m dspark.train` (Hydra overrides after it)."""
 import hydra
 
-from dspark.models.errors import guarded
+from dspark.guard import guarded
 
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="train", version_base="1.3")

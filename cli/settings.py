@@ -1,0 +1,212 @@
+"""Every numeric and choice setting of every stage, checked in one place before the stage does any work.
+
+`check(stage, cfg)` raises one DSparkError naming the first bad setting, its value and the allowed
+range. The ranges here are the ones the config comments state (conf/<stage>.yaml). Checks that need
+the loaded target (layer ids against its depth, prompt length against its context) stay in the stages.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dspark.models.errors import DSparkError
+
+_ABSENT = object()   # a key this config does not have
+
+
+class Rule:
+    """A setting's allowed values: `ok(v)`, and `describe()` for the error message."""
+
+    def ok(self, v) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Num(Rule):
+    """An int (`integer=True`) or a finite real number in [lo, hi]; `open_lo` excludes lo; `null` allows None."""
+    lo: float | None = None
+    hi: float | None = None
+    integer: bool = False
+    open_lo: bool = False
+    null: bool = False
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.null
+        if isinstance(v, bool) or not isinstance(v, int if self.integer else (int, float)) or not math.isfinite(v):
+            return False
+        low_bad = self.lo is not None and (v <= self.lo if self.open_lo else v < self.lo)
+        return not low_bad and (self.hi is None or v <= self.hi)
+
+    def describe(self) -> str:
+        bounds = ([f"{'>' if self.open_lo else '>='} {self.lo:g}"] if self.lo is not None else []) + \
+                 ([f"<= {self.hi:g}"] if self.hi is not None else [])
+        return " ".join(["an integer" if self.integer else "a number", " and ".join(bounds)]).strip() \
+            + (" (or null)" if self.null else "")
+
+
+def Int(lo=None, hi=None, null=False) -> Num:
+    return Num(lo, hi, integer=True, null=null)
+
+
+def Pos(null=False) -> Num:
+    """A real number > 0."""
+    return Num(0, None, open_lo=True, null=null)
+
+
+@dataclass(frozen=True)
+class Choice(Rule):
+    options: tuple
+
+    def ok(self, v) -> bool:
+        return v in self.options
+
+    def describe(self) -> str:
+        return "one of " + "|".join(str(o) for o in self.options)
+
+
+class Bool(Rule):
+    def ok(self, v) -> bool:
+        return isinstance(v, bool)
+
+    def describe(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class Each(Rule):
+    """A list whose items each follow `rule`, with at least `min_len` items (`null` allows None)."""
+    rule: Rule
+    min_len: int = 0
+    null: bool = False
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.null
+        return isinstance(v, (list, tuple)) and len(v) >= self.min_len and all(self.rule.ok(x) for x in v)
+
+    def describe(self) -> str:
+        least = f" (at least {self.min_len})" if self.min_len else ""
+        return f"a list{least} of {self.rule.describe()}" + (" (or null)" if self.null else "")
+
+
+class Policy(Rule):
+    """A verification policy name."""
+
+    def ok(self, v) -> bool:
+        return v in ("all", "sched", "threshold") or (isinstance(v, str) and v.startswith("gamma")
+                                                      and v[5:].isdigit() and int(v[5:]) >= 1)
+
+    def describe(self) -> str:
+        return "all|sched|threshold|gamma<N> (N >= 1)"
+
+
+FRACTION = Num(0, 1)                 # [0, 1]
+SHARE = Num(0, 0.99)                 # a share held out: something must remain
+TEMPERATURE = Num(0)                 # 0 = greedy
+TOP_P = Num(0, 1, open_lo=True)      # (0, 1]
+DTYPES = Choice(("float32", "bfloat16", "float16"))
+TARGET = {"target.dtype": DTYPES, "target.attn_implementation": Choice(("eager", "sdpa"))}
+COMMON = {"seed": Int(0), **TARGET}
+
+RULES: dict[str, dict] = {
+    "generate": {
+        **COMMON,
+        "data.source": Choice(("sharegpt", "jsonl", "hf")), "data.max_chars": Int(1),
+        "max_prompts": Int(1, null=True), "heldout_fraction": SHARE, "max_new_tokens": Int(1),
+        "temperature": TEMPERATURE, "top_p": TOP_P, "batch_size": Int(1), "chunk_size": Int(1),
+        "max_prompt_tokens": Int(1), "cache_features": Bool(), "feature_layers": Each(Int(0), 1, null=True),
+        "stop_after_chunks": Int(1, null=True),
+    },
+    "train": {
+        **COMMON,
+        "features": Choice(("auto", "memory", "online", "cache")), "features_memory_gb": Num(0),
+        "feature_batch_size": Int(1), "val_fraction": SHARE, "max_seq_len": Int(2), "batch_size": Int(1),
+        "grad_accum": Int(1), "anchors_per_seq": Int(1), "val_anchors_per_seq": Int(1), "max_steps": Int(1),
+        "max_minutes": Pos(null=True), "eval_every": Int(1), "save_every": Int(0), "keep_checkpoints": Int(1),
+        "resume": Bool(), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(),
+        "loss.ce": Num(0), "loss.tv": Num(0), "loss.conf": Num(0),
+        "optim.lr": Pos(), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),
+        "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.grad_clip": Num(0, null=True),
+        "draft.architecture": Choice(("dspark", "eagle3")), "draft.num_layers": Int(1),
+        "draft.num_attention_heads": Int(1, null=True), "draft.num_key_value_heads": Int(1, null=True),
+        "draft.intermediate_size": Int(1, null=True), "draft.gamma": Int(1, 64),
+        "draft.sequential_head": Choice(("markov", "rnn", "none")), "draft.head_rank": Int(1),
+        "draft.draft_vocab_size": Int(0), "draft.target_layer_ids": Each(Int(0), 1, null=True),
+        "draft.init_from_target": Bool(), "logger.name": Choice(("none", "wandb")),
+    },
+    "calibrate": {
+        **COMMON,
+        "val_fraction": SHARE, "max_prompts": Int(1), "max_new_tokens": Int(1), "batch_size": Int(1),
+        "temperature": TEMPERATURE, "bins": Int(2), "min_blocks": Int(1),
+    },
+    "bench": {
+        **COMMON,
+        "prompts.source": Choice(("humaneval", "mtbench", "jsonl")), "prompts.limit": Int(1, null=True),
+        "max_new_tokens": Int(1), "ignore_eos": Bool(), "temperature": TEMPERATURE, "top_p": TOP_P,
+        "concurrency": Each(Int(1), 1), "gamma": Int(1, 64),
+        "methods": Each(Choice(("plain", "oracle", "prompt_lookup", "hf_prompt_lookup", "hf_generate"))),
+        "released_head": Bool(), "policies": Each(Policy()), "threshold": Num(0, 1, open_lo=True),
+        "prompts_per_level": Int(1, null=True), "sched.unit": Choice(("column", "position")),
+        "sched.profile_context": Int(1), "sched.profile_repeats": Int(1), "sched.reprofile": Bool(),
+        "prompt_lookup.max_ngram": Int(1), "prompt_lookup.min_ngram": Int(1), "near_tie_margin": Num(0),
+    },
+    "export": {
+        **COMMON,
+        "dtype": DTYPES, "vllm": Bool(), "push_to_hub": Bool(), "private": Bool(), "dry_run": Bool(),
+    },
+    "run": {
+        **COMMON,
+        "max_prompts": Int(1, null=True), "max_steps": Int(1, null=True), "max_minutes": Pos(null=True),
+        "stages": Each(Choice(("generate", "train", "calibrate", "bench", "export")), 1),
+    },
+}
+
+
+def _value(cfg, key: str):
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise DSparkError(f"setting {key} cannot be resolved ({str(e).splitlines()[0]}): set {key}=<value>") from None
+
+
+def check(stage: str, cfg) -> None:
+    """One DSparkError for the first setting of `stage` outside its range; then the output folder."""
+    for key, rule in RULES[stage].items():
+        v = _value(cfg, key)
+        if v is _ABSENT:        # optional key (e.g. draft.sequential_head of an EAGLE-3 size)
+            continue
+        if OmegaConf.is_config(v):
+            v = OmegaConf.to_container(v, resolve=True)
+        if not rule.ok(v):
+            shown = repr(v) if isinstance(v, str) else v
+            raise DSparkError(f"{key}={shown} is not allowed: use {rule.describe()}")
+    _cross_checks(stage, cfg)
+    check_output_dir(cfg.output_dir)
+
+
+def _cross_checks(stage: str, cfg) -> None:
+    if stage == "bench" and cfg.prompt_lookup.min_ngram > cfg.prompt_lookup.max_ngram:
+        raise DSparkError(f"prompt_lookup.min_ngram={cfg.prompt_lookup.min_ngram} > prompt_lookup.max_ngram="
+                          f"{cfg.prompt_lookup.max_ngram}: make min_ngram <= max_ngram")
+
+
+def check_output_dir(path) -> None:
+    """output_dir must be a folder, or creatable: the nearest existing ancestor a writable folder."""
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise DSparkError(f"output_dir '{p}' is an existing file: pass output_dir=<folder>")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise DSparkError(f"output_dir '{p}' cannot be written ('{probe}' is not a writable folder): "
+                          "pass output_dir=<writable folder>")
