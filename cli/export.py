@@ -6,7 +6,7 @@ from dspark.guard import guarded
 
 @hydra.main(config_path="pkg://dspark.conf", config_name="export", version_base="1.3")
 def main(cfg):
-    from dspark.eval.export import run
+    from dspark.hub.export import run
 
     return guarded("export", run, cfg)
 

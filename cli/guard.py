@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 from .settings import check
 

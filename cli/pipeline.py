@@ -33,14 +33,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from dspark.models.files import write_json_atomic
-from dspark.models.errors import DSparkError
+from dspark.core.files import write_json_atomic
+from dspark.core.errors import DSparkError
 
 from .settings import check
 
 STAGES = ("generate", "train", "calibrate", "bench", "export")
 RUNNERS = {"generate": "dspark.data.generate", "train": "dspark.train.trainer", "calibrate": "dspark.eval.calibrate",
-           "bench": "dspark.eval.bench", "export": "dspark.eval.export"}
+           "bench": "dspark.eval.bench", "export": "dspark.hub.export"}
 
 
 def run(cfg) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 _ABSENT = object()   # a key this config does not have
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 
 def load_rows(data_dir: str, max_seq_len: int, vocab_size: int, target: str | None = None) -> list[dict]:

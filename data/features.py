@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dspark.models.dspark import default_layer_ids
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 
 @torch.no_grad()

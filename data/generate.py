@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from dspark.inference import Engine
-from dspark.models.errors import DSparkError
-from dspark.models.files import write_json_atomic, write_text_atomic
+from dspark.core.errors import DSparkError
+from dspark.core.files import write_json_atomic, write_text_atomic
 from dspark.models.target import load_target
 
 from .features import check_layers

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 

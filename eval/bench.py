@@ -19,10 +19,10 @@ from tqdm import tqdm
 from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
-from dspark.models.heads import load_head
-from dspark.models.hub import is_repo_ref
-from dspark.models.errors import DSparkError
-from dspark.models.files import write_json_atomic, write_text_atomic
+from dspark.hub.io import load_head
+from dspark.hub.io import is_repo_ref
+from dspark.core.errors import DSparkError
+from dspark.core.files import write_json_atomic, write_text_atomic
 from dspark.models.target import check_head_target, load_target
 
 from .prompts import load_prompts

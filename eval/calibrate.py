@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from dspark.data.dataset import load_rows, split
 from dspark.inference import Engine, drafter_for
-from dspark.models.errors import DSparkError
-from dspark.models.files import write_json_atomic
-from dspark.models.heads import load_head
+from dspark.core.errors import DSparkError
+from dspark.core.files import write_json_atomic
+from dspark.hub.io import load_head
 from dspark.models.target import load_target
 
 from . import sts

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dspark.data.sources import package_file, prompt_text, read_jsonl
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 from .cache import SlotCache
 from .drafters import Drafter, Proposal, RequestState

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark.models.files import write_json_atomic
+from dspark.core.files import write_json_atomic
 
 from .cache import SlotCache
 

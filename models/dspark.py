@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DSparkError
+from dspark.core.errors import DSparkError
+
 from .head_base import DraftHeadBase, config_from_dict
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")

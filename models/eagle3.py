@@ -16,7 +16,7 @@ The target's embedding and LM head are shared and frozen: attached at run time (
 saved. An optional reduced draft vocabulary (`d2t`, draft id → target id, saved with the head) cuts
 the LM-head cost; a target token outside it can never be drafted.
 
-`save_eagle3_layout` also writes the head in the layout vLLM / SGLang load for EAGLE-3 drafts
+hub/layouts.py `save_eagle3_layout` writes the head in the layout vLLM / SGLang load for EAGLE-3 drafts
 (field-by-field mapping in its docstring and docs/eagle3.md).
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from dspark.core.errors import DSparkError
+
 from .dspark import MLP, RMSNorm, rope
-from .errors import DSparkError
 from .head_base import DraftHeadBase, config_from_dict
 
 
@@ -194,58 +194,3 @@ class Eagle3Draft(DraftHeadBase, nn.Module):
             k, v = torch.cat([k, k_s], 1), torch.cat([v, v_s], 1)
             out.append(self.logits(h))
         return torch.stack(out, -2)
-
-
-def save_eagle3_layout(head: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
-                       include_embedding: bool = False) -> None:
-    """Write an attached head in the EAGLE-3 checkpoint layout that vLLM and SGLang load
-    (`speculative_config={"method": "eagle3", "model": folder}`). UNTESTED in vLLM/SGLang (neither
-    runs on this machine): the layout follows their published EAGLE-3 checkpoints.
-
-    config.json                              ← Eagle3Config
-      architectures: ["LlamaForCausalLMEagle3"]   (our `Eagle3Draft`)
-      model_type: "llama", num_hidden_layers: 1, hidden_act: "silu", tie_word_embeddings: false
-      hidden_size, target_hidden_size        ← target_hidden_size
-      num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, rope_theta
-      vocab_size                             ← target_vocab_size
-      draft_vocab_size                       ← draft_vocab_size
-      eagle_config.eagle_aux_hidden_state_layer_ids ← target_layer_ids (HF hidden_states index i = the
-                                               input of decoder layer i, which is what vLLM captures)
-    model.safetensors                        ← state dict
-      fc.weight (D, k·D)                     ← fc.weight
-      midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight, midlayer.self_attn.
-      {q,k,v}_proj.weight (·, 2D), o_proj, midlayer.mlp.{gate,up,down}_proj.weight ← same names
-      norm.weight                            ← norm.weight
-      lm_head.weight (Vd, D)                 ← the target's LM-head rows d2t (shared at train time)
-      d2t (Vd,) int64 OFFSETS: target id = i + d2t[i]   ← our d2t[i] − i
-      t2d (V,) bool: token is in the draft vocabulary  ← derived from d2t
-      embed_tokens.weight (V, D)             ← the target's embedding, only with include_embedding
-                                               (engines otherwise share the target's)
-    Input order inside the layer is [input_layernorm(embedding) ; hidden_norm(feature)], as theirs."""
-    c = head.config
-    if head.lm_weight.numel() == 0:
-        raise DSparkError("attach the target first (head.attach(target)): the layout needs its LM-head rows")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype).contiguous() for k, v in head.state_dict().items() if k != "d2t"}
-    state["lm_head.weight"] = head.lm_weight.to(dtype).contiguous()
-    if include_embedding:
-        state["embed_tokens.weight"] = head.embed_weight.to(dtype).contiguous()
-    d2t = head.d2t.cpu()
-    state["d2t"] = (d2t - torch.arange(c.draft_vocab_size)).contiguous()
-    t2d = torch.zeros(c.target_vocab_size, dtype=torch.bool)
-    t2d[d2t] = True
-    state["t2d"] = t2d
-    save_file({k: v.cpu() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = {
-        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
-        "hidden_size": c.target_hidden_size, "target_hidden_size": c.target_hidden_size,
-        "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": 32768,
-        "vocab_size": c.target_vocab_size, "draft_vocab_size": c.draft_vocab_size, "tie_word_embeddings": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids), "use_aux_hidden_state": True},
-        "dspark_target": c.target,
-    }
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

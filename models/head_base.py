@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import DSparkError
+from dspark.core.errors import DSparkError
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "list": (list,), "bool": (bool,)}

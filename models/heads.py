@@ -1,4 +1,4 @@
-"""Load any trained draft head from its folder or Hub repo id: `config.json` names the architecture."""
+"""Read any trained draft head from its folder: `config.json` names the architecture."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ from pathlib import Path
 
 from torch import nn
 
+from dspark.core.errors import DSparkError
+
 from .dspark import DSparkDraft
 from .eagle3 import Eagle3Draft
-from .errors import DSparkError
-from .hub import resolve_head
 
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"DSparkDraft": DSparkDraft, "Eagle3Draft": Eagle3Draft}
 
@@ -28,8 +28,7 @@ def head_architecture(folder: str | Path) -> str:
     return arch
 
 
-def load_head(ref: str | Path, revision: str | None = None) -> nn.Module:
-    """The head saved in folder `ref`, or in Hub repo `ref` (`user/name[@revision]`), resolved by
-    the one path of models/hub.py (strict: config and weights must match)."""
-    folder = resolve_head(ref, revision)
+def read_head(folder: str | Path) -> nn.Module:
+    """The head saved in a local folder (strict: config and weights must match). A Hub repo id goes
+    through hub/io.py `load_head`."""
     return HEAD_CLASSES[head_architecture(folder)].from_pretrained(folder)

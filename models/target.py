@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import DSparkError
+from dspark.core.errors import DSparkError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

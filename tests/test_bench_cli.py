@@ -111,7 +111,7 @@ def test_prompt_longer_than_context(tmp_path):
 def test_missing_smollm2_package_names_the_install(tiny_target, monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
-    from dspark.models.errors import DSparkError
+    from dspark.core.errors import DSparkError
     from dspark.models.target import load_target
 
     cfg = OmegaConf.load(os.path.join(REPO, "conf", "target", "smollm2-135m.yaml"))

@@ -56,7 +56,7 @@ def test_metrics_on_hand_made_values():
 def test_calibrate_cli_writes_temperatures_the_runtime_uses(tmp_path):
     from dspark.data.generate import run as generate
     from dspark.eval.calibrate import run as calibrate
-    from dspark.models.heads import load_head
+    from dspark.hub.io import load_head
     from dspark.train.trainer import run as train
 
     def cfg(name, *over):

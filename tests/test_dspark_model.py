@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_head
 from dspark.models.dspark import DSparkDraft, block_positions
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 
 def features(target, ids):

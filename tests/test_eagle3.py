@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from conftest import compose_cfg
 from dspark.inference import Eagle3Drafter, Engine, drafter_for
 from dspark.inference.drafters import RequestState
-from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids, save_eagle3_layout
-from dspark.models.errors import DSparkError
-from dspark.models.heads import load_head
+from dspark.hub.layouts import save_eagle3_layout
+from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids
+from dspark.core.errors import DSparkError
+from dspark.hub.io import load_head
 from dspark.train.data import collate
 from dspark.train.trainer import Trainer, run as train
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import compose_cfg, tiny_head
-from dspark.eval import export
-from dspark.models import heads, hub
-from dspark.models.errors import DSparkError
-from dspark.models.heads import load_head
+from dspark.hub import export
+from dspark.hub import io as hub
+from dspark.core.errors import DSparkError
+from dspark.hub.io import load_head
 
 BENCH = {"target": "tiny", "dtype": "float32", "prompts": 3, "prompt_set": "humaneval", "max_new_tokens": 32,
          "temperature": 0.0, "gamma": 5, "machine": "testbox 2 cpu", "policy": "verify_all",
@@ -106,7 +106,7 @@ def test_card_names_a_folder_inside_the_working_directory_relatively(tiny_target
 
 
 def test_card_bench_notes_follow_the_rows():
-    from dspark.eval import model_card
+    from dspark.hub import model_card
 
     plain = {"tau": 1.0, "speedup_vs_plain": 1.0, "tokens_per_s": 20.0, "divergences_all_near_ties": True}
     b = {**BENCH, "methods": {"plain": plain, "dspark": {**plain, "tau": 1.3}}}
@@ -170,8 +170,8 @@ def test_hub_id_and_folder_take_the_same_path(tiny_target, tmp_path, monkeypatch
     folder = tmp_path / "export"
     calls, resolved = [], []
     monkeypatch.setattr(hub, "_download", lambda rid, rev: calls.append((rid, rev)) or str(folder))
-    real = heads.resolve_head
-    monkeypatch.setattr(heads, "resolve_head", lambda ref, rev=None: resolved.append(str(ref)) or real(ref, rev))
+    real = hub.resolve_head
+    monkeypatch.setattr(hub, "resolve_head", lambda ref, rev=None: resolved.append(str(ref)) or real(ref, rev))
     a = load_head(folder)
     assert calls == [] and resolved == [str(folder)]                     # a folder: no download
     b = load_head("alice/tiny-dspark@v1")

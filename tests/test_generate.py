@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, compose_cfg
 from dspark.data.generate import is_heldout, run, select_prompts
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 
 def cfg_for(tmp_path, *overrides):

@@ -5,11 +5,13 @@ import pathlib
 from conftest import REPO
 
 ALLOWED = {
-    "models": set(),
-    "inference": {"models"},
-    "data": {"models", "inference"},
-    "train": {"models", "data", "inference"},
-    "eval": {"models", "inference", "data"},
+    "core": set(),
+    "models": {"core"},
+    "inference": {"core", "models"},
+    "data": {"core", "models", "inference"},
+    "train": {"core", "models", "data", "inference"},
+    "hub": {"core", "models"},
+    "eval": {"core", "models", "inference", "data", "hub"},
 }
 
 

@@ -49,7 +49,7 @@ def test_stage_configs_compose_with_shared_overrides(tmp_path):
 
 
 def test_bad_stage_override_is_one_clear_error(tmp_path):
-    from dspark.models.errors import DSparkError
+    from dspark.core.errors import DSparkError
 
     with pytest.raises(DSparkError, match="train stage"):
         pipeline.run(run_cfg(tmp_path, "+train.no_such_key=1"))

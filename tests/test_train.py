@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import REPO, compose_cfg
 from dspark.inference import DSparkDrafter, Engine
 from dspark.models.dspark import DSparkDraft
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 from dspark.train.data import collate
 from dspark.train.trainer import Trainer, run as train
 

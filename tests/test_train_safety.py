@@ -9,7 +9,7 @@ import pytest
 import dspark.train.trainer as trainer_mod
 from conftest import compose_cfg
 from dspark.data.dataset import load_rows
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 from dspark.train.trainer import Trainer, run as train
 
 FAST = ["target=tiny", "draft=tiny", "logger=none", "batch_size=2", "anchors_per_seq=8", "val_anchors_per_seq=8",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dspark.models.errors import DSparkError
+from dspark.core.errors import DSparkError
 
 
 def draft_vocabulary(rows: list[dict], size: int, vocab_size: int) -> torch.Tensor | None:

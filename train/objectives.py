@@ -8,13 +8,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dspark.models.losses import block_losses, position_weights
+from .losses import block_losses, position_weights
 
 from .data import sample_anchors
 
 
 class BlockObjective:
-    """Packed anchor blocks over target features; losses of DESIGN §1 (models/losses.py)."""
+    """Packed anchor blocks over target features; losses of DESIGN §1 (train/losses.py)."""
 
     def __init__(self, model, target, features, anchors_per_seq: int, alpha: dict):
         self.model, self.target, self.features = model, target, features

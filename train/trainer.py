@@ -21,11 +21,11 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from dspark.data.dataset import load_rows, split
-from dspark.models.files import write_json_atomic
+from dspark.core.files import write_json_atomic
 from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
 from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids
-from dspark.models.errors import DSparkError
-from dspark.models.losses import expected_tau, lr_factor
+from dspark.core.errors import DSparkError
+from .losses import expected_tau, lr_factor
 from dspark.models.target import load_target
 
 from .data import FeatureSource, cache_files, collate, draft_vocabulary

@@ -186,7 +186,7 @@ def _usage(target: dict, ref: str) -> str:
             f"dspark bench head={ref}{tgt} prompts=mtbench\n"
             "```\n\n"
             "```python\n"
-            "from dspark.models.heads import load_head\n"
+            "from dspark.hub.io import load_head\n"
             f"head = load_head(\"{ref}\")   # a Hub repo id or a local folder, same code path\n"
             "```\n")
 
@@ -220,7 +220,7 @@ def render_vllm(config: dict, bench_rows: list[str]) -> str:
             "layers.N.*, norm, the sequential and confidence heads, d2t offsets and t2d mask).\n\n"
             "**Not tested**: built without a GPU or vLLM. vLLM has no DSpark proposer; its DFlash proposer would at "
             "best use the backbone and ignore the sequential and confidence heads. The field mapping is documented "
-            "in dspark's `models/hub.py`.\n\n"
+            "in dspark's `hub/layouts.py`.\n\n"
             "```bash\n"
             f"vllm serve {v['name_or_path']} --speculative-config "
             f"'{{\"model\": \"<this folder>\", \"num_speculative_tokens\": {config['block_size']}}}'\n"

@@ -26,15 +26,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dspark.core.errors import DSparkError
+from dspark.core.files import write_json_atomic
 from dspark.models.dspark import DSparkDraft
-from dspark.models.errors import DSparkError
-from dspark.models.files import write_json_atomic
-from dspark.models.heads import load_head
-from dspark.models.hub import (EXPORT_MARKER, push_folder, resolve_head, speculators_layout, upload_plan,
-                               validate_repo_id)
 from dspark.models.target import parse_dtype
 
 from . import model_card
+from .io import EXPORT_MARKER, load_head, push_folder, resolve_head, upload_plan, validate_repo_id
+from .layouts import speculators_layout
 
 
 def run(cfg) -> dict:
@@ -110,7 +109,7 @@ def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.d
     (folder / "README.md").write_text(model_card.render(head_cfg, target, results, usage_ref, dtype_name, card_name,
                                                         vllm=vllm and isinstance(head, DSparkDraft)))
     if vllm and not isinstance(head, DSparkDraft):
-        return [f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: models/eagle3.py "
+        return [f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: hub/layouts.py "
                 "save_eagle3_layout, which needs the target's LM head)"]
     if vllm:
         config, state = speculators_layout(head, target["id"] or target["name"], target["architectures"],

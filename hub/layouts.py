@@ -1,108 +1,18 @@
-"""Hugging Face Hub I/O for draft heads: resolve a head reference, plan and push an upload.
+"""Serving layouts: a trained head written in the formats serving engines load.
 
-A head reference is a local folder or a Hub repo id (`user/name`, optionally `user/name@revision`).
-`resolve_head` is the one code path for both: an existing folder is returned as it is, anything
-else must be a valid repo id and is fetched with `huggingface_hub.snapshot_download` (only the
-files a head consists of). Offline (`HF_HUB_OFFLINE=1`) that reads the local Hub cache and fails
-with one clear error when the head is not there.
-
-Pushing uses `HfApi().upload_folder`. The token is whatever `huggingface_hub` finds (`HF_TOKEN` or
-the `hf auth login` cache); this module never reads, prints or stores it.
+- `speculators_layout`: a DSpark/DFlash head in the vLLM `speculators` format;
+- `save_eagle3_layout`: an EAGLE-3 head in the layout vLLM and SGLang load for EAGLE-3 drafts.
 """
 from __future__ import annotations
 
-import re
+import json
 from pathlib import Path
 
-from .errors import DSparkError
+import torch
+from safetensors.torch import save_file
 
-# Files that make up a head; a download fetches nothing else (no training state exists in an export).
-HEAD_FILES = ["config.json", "model.safetensors", "README.md", "vllm/*"]
-# The file `dspark export` marks its own folders with (eval/export.py); it never goes to the Hub.
-EXPORT_MARKER = ".dspark-export"
-
-_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
-_REPO_ID = re.compile(rf"^({_NAME})/({_NAME})$")
-
-
-def validate_repo_id(repo_id: str) -> str:
-    """`user/name` with Hub-legal characters (letters, digits, '-', '_', '.'; no leading/trailing
-    '-' or '.', no '--' or '..', at most 96 characters per part). Returns it; raises DSparkError."""
-    rid = str(repo_id or "").strip()
-    m = _REPO_ID.match(rid)
-    if not m or any(len(p) > 96 or "--" in p or ".." in p for p in m.groups()) or rid.endswith(".git"):
-        raise DSparkError(f"repo id '{repo_id}' is not valid: use <user or org>/<name> with letters, digits, "
-                          "'-', '_' and '.' (e.g. repo_id=alice/smollm2-135m-dspark)")
-    return rid
-
-
-def split_ref(ref: str) -> tuple[str, str | None]:
-    """'user/name@rev' → ('user/name', 'rev'); without '@' the revision is None."""
-    rid, _, rev = str(ref).partition("@")
-    return rid, (rev or None)
-
-
-def is_repo_ref(ref) -> bool:
-    """Whether `ref` reads as a Hub repo id (`user/name[@rev]`) rather than a path."""
-    return bool(_REPO_ID.match(split_ref(str(ref))[0])) and not str(ref).startswith((".", "/", "~"))
-
-
-def resolve_head(ref: str | Path, revision: str | None = None) -> Path:
-    """A local folder holding the head `ref` names: `ref` itself when it is a folder, else the Hub
-    snapshot of repo id `ref` (at `revision` or the `@rev` suffix)."""
-    path = Path(str(ref)).expanduser()
-    if path.is_dir():
-        return path
-    rid, rev = split_ref(str(ref))
-    if not _REPO_ID.match(rid):
-        raise DSparkError(f"head '{ref}' is neither a folder nor a Hub repo id (user/name): "
-                          "run `dspark train` first or pass head=<folder or user/name>")
-    validate_repo_id(rid)
-    return Path(_download(rid, revision or rev))
-
-
-def _download(repo_id: str, revision: str | None) -> str:
-    """Fetch a head repo's files into the Hub cache; the one place that touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HEAD_FILES)
-    except LocalEntryNotFoundError:
-        raise DSparkError(f"head '{repo_id}' is not a local folder, nor in the local Hub cache, and the Hub is "
-                          "unreachable or offline (HF_HUB_OFFLINE=1): check the path or connect once") from None
-    except HfHubHTTPError as e:
-        raise DSparkError(f"cannot download head '{repo_id}' from the Hub: {str(e).splitlines()[0]}") from None
-
-
-def upload_plan(folder: str | Path) -> list[dict]:
-    """Exactly what `push_folder` uploads: every file under `folder` but the export marker, relative
-    path and size."""
-    root = Path(folder)
-    return [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p != root / EXPORT_MARKER]
-
-
-def push_folder(folder: str | Path, repo_id: str, private: bool = False,
-                commit_message: str = "Upload DSpark draft head") -> str:
-    """Create `repo_id` if needed and upload `folder` to it; returns the repo URL."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    repo_id = validate_repo_id(repo_id)
-    api = HfApi()
-    try:
-        api.whoami()
-    except Exception:   # no token, an expired one, or no network: say which fix applies, never the token
-        raise DSparkError("not logged in to the Hugging Face Hub (or it is unreachable): run `hf auth login` "
-                          "or set HF_TOKEN, then retry") from None
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                          ignore_patterns=[EXPORT_MARKER])
-    except HfHubHTTPError as e:
-        raise DSparkError(f"upload to '{repo_id}' failed: {str(e).splitlines()[0]}") from None
-    return str(url)
+from dspark.core.errors import DSparkError
+from dspark.models.eagle3 import Eagle3Draft
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,3 +118,58 @@ def speculators_layout(head, verifier: str, verifier_architectures: list[str] | 
         "torch_dtype": str(dtype or torch.float32).replace("torch.", ""),
     }
     return config, state
+
+
+def save_eagle3_layout(head: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
+                       include_embedding: bool = False) -> None:
+    """Write an attached head in the EAGLE-3 checkpoint layout that vLLM and SGLang load
+    (`speculative_config={"method": "eagle3", "model": folder}`). UNTESTED in vLLM/SGLang (neither
+    runs on this machine): the layout follows their published EAGLE-3 checkpoints.
+
+    config.json                              ← Eagle3Config
+      architectures: ["LlamaForCausalLMEagle3"]   (our `Eagle3Draft`)
+      model_type: "llama", num_hidden_layers: 1, hidden_act: "silu", tie_word_embeddings: false
+      hidden_size, target_hidden_size        ← target_hidden_size
+      num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps, rope_theta
+      vocab_size                             ← target_vocab_size
+      draft_vocab_size                       ← draft_vocab_size
+      eagle_config.eagle_aux_hidden_state_layer_ids ← target_layer_ids (HF hidden_states index i = the
+                                               input of decoder layer i, which is what vLLM captures)
+    model.safetensors                        ← state dict
+      fc.weight (D, k·D)                     ← fc.weight
+      midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight, midlayer.self_attn.
+      {q,k,v}_proj.weight (·, 2D), o_proj, midlayer.mlp.{gate,up,down}_proj.weight ← same names
+      norm.weight                            ← norm.weight
+      lm_head.weight (Vd, D)                 ← the target's LM-head rows d2t (shared at train time)
+      d2t (Vd,) int64 OFFSETS: target id = i + d2t[i]   ← our d2t[i] − i
+      t2d (V,) bool: token is in the draft vocabulary  ← derived from d2t
+      embed_tokens.weight (V, D)             ← the target's embedding, only with include_embedding
+                                               (engines otherwise share the target's)
+    Input order inside the layer is [input_layernorm(embedding) ; hidden_norm(feature)], as theirs."""
+    c = head.config
+    if head.lm_weight.numel() == 0:
+        raise DSparkError("attach the target first (head.attach(target)): the layout needs its LM-head rows")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(dtype).contiguous() for k, v in head.state_dict().items() if k != "d2t"}
+    state["lm_head.weight"] = head.lm_weight.to(dtype).contiguous()
+    if include_embedding:
+        state["embed_tokens.weight"] = head.embed_weight.to(dtype).contiguous()
+    d2t = head.d2t.cpu()
+    state["d2t"] = (d2t - torch.arange(c.draft_vocab_size)).contiguous()
+    t2d = torch.zeros(c.target_vocab_size, dtype=torch.bool)
+    t2d[d2t] = True
+    state["t2d"] = t2d
+    save_file({k: v.cpu() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+        "hidden_size": c.target_hidden_size, "target_hidden_size": c.target_hidden_size,
+        "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": 32768,
+        "vocab_size": c.target_vocab_size, "draft_vocab_size": c.draft_vocab_size, "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(c.target_layer_ids), "use_aux_hidden_state": True},
+        "dspark_target": c.target,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Shared by every layer: the one user-facing error type and atomic file writes."""
