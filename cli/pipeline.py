@@ -81,9 +81,10 @@ def run(cfg) -> dict:
     record["export_dir"] = export_dir if export_dir and Path(export_dir).is_dir() else None
     write_json_atomic(out / "run.json", record)
     _final_report(record)
+    from dspark.core.methods import head_row
+
     bench = _read_json(out / "bench.json") or {}
-    speedups = [m.get("speedup_vs_plain") for k, m in (bench.get("methods") or {}).items()
-                if k in ("dspark", "dflash")]
+    speedups = [(head_row(bench, h) or {}).get("speedup_vs_plain") for h in ("dspark", "dflash")]
     return {"speedup": max((s for s in speedups if s is not None), default=None), "seconds": record["seconds"]}
 
 

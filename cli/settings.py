@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dspark.core.errors import DSparkError
+from dspark.core.methods import DRAFTER_FREE
+from dspark.models.heads import HEADS
 
 _ABSENT = object()   # a key this config does not have
 
@@ -99,14 +101,21 @@ class Each(Rule):
 
 
 class Policy(Rule):
-    """A verification policy name."""
+    """A verification policy name, as inference/policy.py's `parse_policy` reads it."""
 
     def ok(self, v) -> bool:
-        return v in ("all", "sched", "threshold") or (isinstance(v, str) and v.startswith("gamma")
-                                                      and v[5:].isdigit() and int(v[5:]) >= 1)
+        from dspark.inference.policy import parse_policy
+
+        try:
+            parse_policy(v)
+        except ValueError:
+            return False
+        return True
 
     def describe(self) -> str:
-        return "all|sched|threshold|gamma<N> (N >= 1)"
+        from dspark.inference.policy import POLICIES
+
+        return POLICIES
 
 
 FRACTION = Num(0, 1)                 # [0, 1]
@@ -133,10 +142,10 @@ RULES: dict[str, dict] = {
         "grad_accum": Int(1), "anchors_per_seq": Int(1), "val_anchors_per_seq": Int(1), "max_steps": Int(1),
         "max_minutes": Pos(null=True), "eval_every": Int(1), "save_every": Int(0), "keep_checkpoints": Int(1),
         "resume": Bool(), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(),
-        "loss.ce": Num(0), "loss.tv": Num(0), "loss.conf": Num(0),
+        "loss.ce": Num(0), "loss.l1": Num(0), "loss.conf": Num(0),
         "optim.lr": Pos(), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),
         "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.grad_clip": Num(0, null=True),
-        "draft.architecture": Choice(("dspark", "eagle3")), "draft.num_layers": Int(1),
+        "draft.architecture": Choice(tuple(HEADS)), "draft.num_layers": Int(1),
         "draft.num_attention_heads": Int(1, null=True), "draft.num_key_value_heads": Int(1, null=True),
         "draft.intermediate_size": Int(1, null=True), "draft.gamma": Int(1, 64),
         "draft.sequential_head": Choice(("markov", "rnn", "none")), "draft.head_rank": Int(1),
@@ -153,7 +162,7 @@ RULES: dict[str, dict] = {
         "prompts.source": Choice(("humaneval", "mtbench", "jsonl")), "prompts.limit": Int(1, null=True),
         "max_new_tokens": Int(1), "ignore_eos": Bool(), "temperature": TEMPERATURE, "top_p": TOP_P,
         "concurrency": Each(Int(1), 1), "gamma": Int(1, 64),
-        "methods": Each(Choice(("plain", "oracle", "prompt_lookup", "hf_prompt_lookup", "hf_generate"))),
+        "methods": Each(Choice(("plain",) + DRAFTER_FREE)),
         "released_head": Bool(), "policies": Each(Policy()), "threshold": Num(0, 1, open_lo=True),
         "prompts_per_level": Int(1, null=True), "sched.unit": Choice(("column", "position")),
         "sched.profile_context": Int(1), "sched.profile_repeats": Int(1), "sched.reprofile": Bool(),

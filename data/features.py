@@ -23,9 +23,9 @@ from dspark.core.errors import DSparkError
 
 @torch.no_grad()
 def row_features(target, input_ids: list[int], layers) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.tensor([input_ids], device=target.device)
-    hs = target.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
-    return torch.cat([hs[i][0] for i in layers], -1), hs[-1][0]
+    """One row's cache entries: (n_tokens, k·H) features at `layers` and (n_tokens, H) final state."""
+    feats, last = target.features(torch.tensor([input_ids], device=target.device), layers)
+    return feats[0], last[0]
 
 
 def check_layers(target, layers) -> list[int]:

@@ -1,7 +1,7 @@
 """`dspark bench`: every decoding method on one prompt set, side by side, in one process.
 
 Plain decoding at R=1 runs first and is the reference: every other method's outputs are compared
-with it token for token (DESIGN §5: in bf16 a divergence is legitimate only at a near-tie of the
+with it token for token (docs/design.md §5: in bf16 a divergence is legitimate only at a near-tie of the
 plain run's top-1/top-2 logits, so each divergence's margin is reported). Speedups are ratios of
 tokens/s measured in this run against plain decoding at the same concurrency R; the methods run
 interleaved batch by batch, so a shared machine's drifting load cannot favour one of them.
@@ -21,6 +21,7 @@ from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
 from dspark.hub.io import load_head
 from dspark.hub.io import is_repo_ref
+from dspark.core.methods import Method
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic, write_text_atomic
 from dspark.models.target import check_head_target, load_target
@@ -40,18 +41,25 @@ def run(cfg) -> dict:
             raise DSparkError(f"prompt {i} has {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} > the target's "
                               f"context {target.max_context}: lower max_new_tokens or use shorter prompts")
     bench = Bench(target, prompts, cfg, heads)
+    for name, head in heads.items():   # a head drafts its own γ; bench's gamma only caps it
+        g, own = bench.gamma(Method(name, "all")), head.config.gamma
+        if own != cfg.gamma:
+            why = (f"its trained γ (bench gamma={cfg.gamma} is a cap)" if g == own else
+                   f"bench gamma={cfg.gamma} caps its trained γ={own}")
+            print(f"note: {name} drafts γ={g}: {why}", flush=True)
     bench.warm_up()
-    methods = {}
+    rows = {}
     reference = bench.plain_reference()
     for r in cfg.concurrency:
         # Hugging Face assisted generation serves one request at a time
-        names = [n for n in bench.method_names() if r == 1 or not n.startswith("hf_")]
-        measured = bench.measure_level(names, r)
-        for name in names:
-            stats, outputs = measured[name]
-            row = bench.row(stats, outputs, reference[1], measured["plain"][0])
-            row["concurrency"] = r
-            methods[name if r == 1 else f"{name}@R{r}"] = row
+        level = [m.at(r) for m in bench.methods() if r == 1 or not m.hugging_face]
+        measured = bench.measure_level(level)
+        for m in level:
+            stats, outputs = measured[m]
+            row = bench.row(stats, outputs, reference[1], measured[Method(concurrency=r)][0])
+            row.update(concurrency=r, gamma=bench.gamma(m), method=m.to_json())
+            rows[m] = row
+    methods = {m.name: row for m, row in rows.items()}
     report = {
         "target": target.name, "target_source": target.source, "dtype": str(target.dtype).replace("torch.", ""),
         "prompts": len(prompts), "prompt_set": cfg.prompts.source, "max_new_tokens": cfg.max_new_tokens,
@@ -71,8 +79,7 @@ def run(cfg) -> dict:
     write_text_atomic(out_dir / "bench.md", table + "\n")
     print(table)
     print(f"wrote {out_dir / 'bench.json'}")
-    best = max((m["speedup_vs_plain"] for k, m in methods.items() if k != "plain" and "oracle" not in k),
-               default=1.0)
+    best = max((row["speedup_vs_plain"] for m, row in rows.items() if m.head not in (None, "oracle")), default=1.0)
     return {"best_speedup": best}
 
 
@@ -117,42 +124,44 @@ class Bench:
                                           context=s.profile_context, repeats=s.profile_repeats,
                                           reprofile=s.reprofile)
 
-    def method_names(self) -> list[str]:
-        """plain, the configured drafter-free methods, then every trained head under every policy
-        (`dspark` = verify-all, `dspark+sched`, `dspark+threshold`, `dspark+gamma1`, …)."""
-        names = ["plain"] + [m for m in self.cfg.methods if m != "plain"]
-        for head in self.heads:
-            names += [head if p == "all" else f"{head}+{p}" for p in self.cfg.policies]
-        return names
+    def methods(self) -> list[Method]:
+        """At R=1: plain, the configured drafter-free methods, then every trained head under every
+        policy (named `dspark` = verify-all, `dspark+sched`, `dspark+threshold`, `dspark+gamma1`, …)."""
+        out = [Method()] + [Method(m) for m in self.cfg.methods if m != "plain"]
+        return out + [Method(head, p) for head in self.heads for p in self.cfg.policies]
+
+    def gamma(self, method: Method) -> int:
+        """Drafted tokens per step: a trained head's own γ, capped by bench's `gamma` (a drafter is never
+        asked for more than it was trained for); bench's `gamma` for the other methods."""
+        return min(self.cfg.gamma, self.heads[method.head].config.gamma) if method.trained else self.cfg.gamma
 
     def level_size(self, r: int) -> int:
         """Prompts run at concurrency r: all, or max(r, prompts_per_level) when that is set."""
         n = self.cfg.get("prompts_per_level")
         return len(self.prompts) if not n else min(len(self.prompts), max(r, int(n)))
 
-    def engine(self, name: str, record: bool = False) -> Engine:
+    def engine(self, method: Method, record: bool = False) -> Engine:
         c = self.cfg
         drafter, policy = None, None
-        head, _, policy_name = name.partition("+")
-        if name == "oracle":
+        if method.head == "oracle":
             drafter = OracleDrafter(self.target, streams=self.streams)
-        elif name == "prompt_lookup":
+        elif method.head == "prompt_lookup":
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
-        elif head in self.heads:
-            drafter = drafter_for(self.heads[head], self.target, temperature=c.temperature, seed=c.seed)
-            policy = make_policy(policy_name or "all", self.cost, threshold=c.threshold, unit=c.sched.unit)
-        return Engine(self.target, drafter, policy=policy, gamma=c.gamma, temperature=c.temperature, top_p=c.top_p,
-                      record_margins=record)
+        elif method.trained:
+            drafter = drafter_for(self.heads[method.head], self.target, temperature=c.temperature, seed=c.seed)
+            policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit)
+        return Engine(self.target, drafter, policy=policy, gamma=self.gamma(method), temperature=c.temperature,
+                      top_p=c.top_p, record_margins=record)
 
     def warm_up(self) -> None:
         Engine(self.target).generate(self.prompts[:1], 4)
 
     def plain_reference(self):
         """Plain greedy over every prompt at R=1, recording logit margins: what every row is compared with."""
-        engine = self.engine("plain", record=True)
+        engine = self.engine(Method(), record=True)
         stats, outputs, states = Stats(gamma=max(self.cfg.gamma, 1)), [], []
         for start in tqdm(range(len(self.prompts)), desc="plain reference", unit="prompt", leave=False):
-            res = self._generate(engine, "plain", self.prompts[start:start + 1], start)
+            res = self._generate(engine, Method(), self.prompts[start:start + 1], start)
             stats.absorb(res.stats)
             outputs += res.outputs
             states += res.states
@@ -160,29 +169,30 @@ class Bench:
         self.streams = {i: list(o) for i, o in enumerate(outputs)}
         return stats, outputs
 
-    def measure_level(self, names: list[str], r: int) -> dict:
-        """Every method at concurrency r, interleaved batch by batch (each batch of prompts runs under
+    def measure_level(self, methods: list[Method]) -> dict:
+        """Methods of one concurrency r, interleaved batch by batch (each batch of prompts runs under
         every method before the next batch starts), so load that drifts during the run hits all
-        methods alike and the ratios stay fair. Returns name → (Stats, outputs in prompt order)."""
-        engines = {n: None if n.startswith("hf_") else self.engine(n) for n in names}
-        out = {n: (Stats(gamma=max(self.cfg.gamma, 1)), []) for n in names}
+        methods alike and the ratios stay fair. Returns method → (Stats, outputs in prompt order)."""
+        r = methods[0].concurrency
+        engines = {m: None if m.hugging_face else self.engine(m) for m in methods}
+        out = {m: (Stats(gamma=max(self.gamma(m), 1)), []) for m in methods}
         prompts = self.prompts[: self.level_size(r)]
-        for start in tqdm(range(0, len(prompts), r), desc=f"R={r}: {len(names)} methods", unit="batch"):
+        for start in tqdm(range(0, len(prompts), r), desc=f"R={r}: {len(methods)} methods", unit="batch"):
             batch = prompts[start:start + r]
-            for n in names:
-                stats, outputs = out[n]
-                if n.startswith("hf_"):
-                    s, o = self._hf(n, batch)
+            for m in methods:
+                stats, outputs = out[m]
+                if m.hugging_face:
+                    s, o = self._hf(m.head, batch)
                     stats.absorb(s)
                     outputs += o
                     continue
-                res = self._generate(engines[n], n, batch, start)
+                res = self._generate(engines[m], m, batch, start)
                 stats.absorb(res.stats)
                 outputs += res.outputs
         return out
 
-    def _generate(self, engine: Engine, name: str, batch: list[list[int]], start: int):
-        if name == "oracle":   # the oracle's streams are keyed by prompt index
+    def _generate(self, engine: Engine, method: Method, batch: list[list[int]], start: int):
+        if method.head == "oracle":   # the oracle's streams are keyed by prompt index
             engine.drafter.streams = {i - start: self.streams[i] for i in range(start, start + len(batch))
                                       if i in self.streams}
         return engine.generate(batch, self.cfg.max_new_tokens, seed=self.cfg.seed + start,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dspark.core.methods import Method
+
 
 def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
@@ -49,20 +51,23 @@ def markdown(report: dict) -> str:
 
 
 def load_summary(report: dict) -> dict:
-    """Per base method, its (aggregate, per-user) point at every concurrency; and, against the first
-    `…+gamma1` method (MTP-1-like), each method's per-user speed interpolated at the baseline's
-    aggregate throughput (None where the method's frontier does not reach that throughput)."""
+    """Per method (named as at R=1), its (aggregate, per-user) point at every concurrency; and, against
+    the first method under policy `gamma1` (MTP-1-like), each method's per-user speed interpolated at the
+    baseline's aggregate throughput (None where the method's frontier does not reach that throughput)."""
     curves: dict[str, list[dict]] = {}
+    policies: dict[str, str | None] = {}
     for key, m in report["methods"].items():
         if m.get("tau") is None:        # Hugging Face rows run at R=1 only
             continue
-        base = key.split("@R")[0]
+        method = Method.of_row(key, m)
+        base = method.at(1).name
+        policies[base] = method.policy
         curves.setdefault(base, []).append({
-            "concurrency": m["concurrency"], "aggregate": m["tokens_per_s"], "per_user": m["per_user_tokens_per_s"],
-            "tau": m["tau"], "verified_per_step": m["verified_per_step"]})
+            "concurrency": method.concurrency, "aggregate": m["tokens_per_s"],
+            "per_user": m["per_user_tokens_per_s"], "tau": m["tau"], "verified_per_step": m["verified_per_step"]})
     levels = sorted({p["concurrency"] for pts in curves.values() for p in pts})
     out = {"levels": levels, "curves": curves}
-    baseline = next((b for b in curves if b.endswith("+gamma1")), None)
+    baseline = next((b for b in curves if policies[b] == "gamma1"), None)
     if baseline:
         others = [b for b in curves if b != baseline]
         rows = []
@@ -96,8 +101,9 @@ def write_plots(report: dict, out_dir: Path) -> dict:
     import matplotlib.pyplot as plt
 
     paths = {}
+    methods = {k: Method.of_row(k, m) for k, m in report["methods"].items()}
     rows = {k: m for k, m in report["methods"].items()
-            if "@R" not in k and m.get("tau") is not None and m.get("drafted")}
+            if methods[k].concurrency == 1 and m.get("tau") is not None and m.get("drafted")}
     if rows:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for name, m in rows.items():
@@ -109,7 +115,7 @@ def write_plots(report: dict, out_dir: Path) -> dict:
         ax.set_title(f"{report['target']} · {report['prompt_set']} · γ={report['gamma']}", fontsize=9)
         ax.legend(fontsize=7)
         paths["acceptance_by_position"] = _save(fig, out_dir / "acceptance_by_position.png")
-    levels = sorted({m.get("concurrency", 1) for m in report["methods"].values()})
+    levels = sorted({m.concurrency for m in methods.values()})
     if len(levels) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         curves = load_summary(report)["curves"]

@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic
-from dspark.models.dspark import DSparkDraft
+from dspark.core.methods import head_row
 from dspark.models.target import parse_dtype
 
 from . import model_card
 from .io import EXPORT_MARKER, load_head, push_folder, resolve_head, upload_plan, validate_repo_id
-from .layouts import speculators_layout
+from .layouts import LAYOUTS
 
 
 def run(cfg) -> dict:
@@ -52,12 +51,13 @@ def run(cfg) -> dict:
                "train": _read_json(cfg.train_json), "calibrate": _read_json(cfg.calibrate_json),
                "generate": _read_json(cfg.generate_json)}
     c = head.config
-    if isinstance(head, DSparkDraft):   # other heads (EAGLE-3) keep their config as trained
-        c.target_name_or_path = target["id"] or c.target_name_or_path
-        c.target_revision = target["revision"] or c.target_revision
-        temps = [p.get("temperature") for p in (results["calibrate"] or {}).get("positions") or []]
-        if not c.confidence_temperatures and temps and all(t is not None for t in temps):
-            c.confidence_temperatures = [float(t) for t in temps]
+    for key, value in (("target_name_or_path", target["id"]), ("target_revision", target["revision"])):
+        if value and hasattr(c, key):   # config fields a head kind has (EAGLE-3 heads keep theirs as trained)
+            setattr(c, key, value)
+    temps = [p.get("temperature") for p in (results["calibrate"] or {}).get("positions") or []]
+    if hasattr(c, "confidence_temperatures") and not c.confidence_temperatures and temps \
+            and all(t is not None for t in temps):
+        c.confidence_temperatures = [float(t) for t in temps]
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     _recover(dest)
@@ -106,21 +106,17 @@ def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.d
     dtype_name = str(dtype).replace("torch.", "")
     card_name = usage_ref.rstrip("/").split("/")[-1] if "/" in usage_ref and not Path(usage_ref).exists() \
         else f"{target['name']}-{head.config.kind}-head"
+    layout = LAYOUTS.get(head.architecture) if vllm else None
     (folder / "README.md").write_text(model_card.render(head_cfg, target, results, usage_ref, dtype_name, card_name,
-                                                        vllm=vllm and isinstance(head, DSparkDraft)))
-    if vllm and not isinstance(head, DSparkDraft):
+                                                        vllm=layout is not None))
+    if vllm and layout is None:
         return [f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: hub/layouts.py "
                 "save_eagle3_layout, which needs the target's LM head)"]
-    if vllm:
-        config, state = speculators_layout(head, target["id"] or target["name"], target["architectures"],
-                                           target["revision"], dtype)
-        (folder / "vllm").mkdir()
-        save_file(state, str(folder / "vllm" / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "vllm" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        rows = [f"- {b.get('prompt_set')}: τ {b['methods'][k]['tau']:.2f}, "
-                f"{b['methods'][k]['speedup_vs_plain']:.2f}× plain ({b.get('machine')})"
-                for b in results.get("bench") or [] for k in [head.config.kind]
-                if (b.get("methods") or {}).get(k, {}).get("tau") is not None]
+    if layout:
+        config = layout(head, folder / "vllm", target, dtype)
+        rows = [f"- {b.get('prompt_set')}: τ {m['tau']:.2f}, {m['speedup_vs_plain']:.2f}× plain ({b.get('machine')})"
+                for b in results.get("bench") or [] for m in [head_row(b, head.config.kind)]
+                if m and m.get("tau") is not None]
         t = results.get("train") or {}
         if t.get("val_tau") is not None:
             rows.append(f"- held-out validation during training: expected τ {t['val_tau']:.3f}"

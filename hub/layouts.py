@@ -1,6 +1,6 @@
 """Serving layouts: a trained head written in the formats serving engines load.
 
-- `speculators_layout`: a DSpark/DFlash head in the vLLM `speculators` format;
+- `speculators_layout` / `write_speculators`: a DSpark/DFlash head in the vLLM `speculators` format;
 - `save_eagle3_layout`: an EAGLE-3 head in the layout vLLM and SGLang load for EAGLE-3 drafts.
 """
 from __future__ import annotations
@@ -173,3 +173,18 @@ def save_eagle3_layout(head: Eagle3Draft, folder: str | Path, dtype: torch.dtype
         "dspark_target": c.target,
     }
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def write_speculators(head, folder: Path, target: dict, dtype: torch.dtype) -> dict:
+    """`speculators_layout` of `head` written into a new `folder`; returns its config."""
+    config, state = speculators_layout(head, target["id"] or target["name"], target["architectures"],
+                                       target["revision"], dtype)
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+# The serving layout `dspark export` writes into vllm/, by head architecture (the key of models/heads.py
+# HEADS). EAGLE-3 has none here: save_eagle3_layout needs the target's LM head, which export never loads.
+LAYOUTS = {"dspark": write_speculators}

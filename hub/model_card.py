@@ -6,7 +6,10 @@ model-card metadata (library, tags, base model, model-index with the measured me
 """
 from __future__ import annotations
 
+
 import yaml
+
+from dspark.core.methods import Method, head_row, records
 
 TAGS = ["speculative-decoding", "dspark", "draft-model"]
 
@@ -43,7 +46,7 @@ def _header(c: dict, target: dict, results: dict, name: str, kind: str) -> str:
         meta["base_model"] = target["id"]
     index = []
     for b in results.get("bench") or []:
-        row = (b.get("methods") or {}).get(method)
+        row = head_row(b, method)
         if row:
             metrics = [{"type": "tau", "name": "tokens per target forward (τ)", "value": round(row["tau"], 4)}
                        if row.get("tau") is not None else None,
@@ -101,17 +104,20 @@ def _bench(b: dict, head_method: str) -> str:
              "Speedups are tokens/s ratios against plain decoding measured side by side in the same run "
              "(`bench.json`).\n",
              "| method | τ | speedup vs plain | tokens/s | exact match vs plain |", "|---|---|---|---|---|"]
-    for name, m in methods.items():
-        label = f"**{name}** (this head)" if name == head_method else name
+    this = Method(head_method, "all")
+    rows = records(b)
+    for method, m in rows.items():
+        name = method.name
+        label = f"**{name}** (this head)" if method == this else name
         if m.get("policy") and not b.get("policy"):
             label += f" [{m['policy']}]"
         lines.append(f"| {label} | {_f(m.get('tau'))} | {_f(m.get('speedup_vs_plain'))}× | "
                      f"{_f(m.get('tokens_per_s'), '.1f')} | {_f(m.get('exact_match_rate'))} |")
-    if head_method not in methods:
+    if this not in rows:
         lines.append(f"\nThis bench run has no `{head_method}` row (the head was not benchmarked in it).")
-    if "oracle" in methods:
+    if Method("oracle") in rows:
         lines.append("\n`oracle` proposes the target's own continuation at zero cost: the ceiling at this γ.")
-    others = sorted({n.split("+")[0] for n in methods if ":" in n.split("+")[0]})
+    others = sorted({r.head for r in rows if r.trained and ":" in r.head})   # extra heads are named <kind>:<folder>
     if others:
         lines.append(f"\nRows {', '.join(f'`{n}`' for n in others)}: other heads benchmarked in the same run "
                      "(`extra_heads`, named `<kind>:<folder>`).")

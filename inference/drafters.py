@@ -1,4 +1,6 @@
-"""The drafter interface and the drafters that need no training.
+"""The drafter interface, the base of the trained-head drafters (`HeadDrafter`; the heads' own drafters
+are in dspark_drafter.py and eagle3_drafter.py) and the drafters that need no training: prompt
+lookup, the oracle and a random drafter for tests.
 
 A drafter sees each active request's `RequestState` and proposes up to `limit` tokens with, per
 position, the full draft distribution (needed for lossless rejection sampling; `None` means a
@@ -24,7 +26,6 @@ class RequestState:
     max_new_tokens: int
     done: bool = False
     finish_reason: str = ""
-    steps: int = 0
     finish_time: float = 0.0
     logits: list = field(default_factory=list)     # per emitted token, when recorded
     margins: list = field(default_factory=list)    # top-1 − top-2 logit gap per emitted token
@@ -79,6 +80,18 @@ class HeadDrafter(Drafter):
         self.vocab_size = target.vocab_size
         self.gen = torch.Generator().manual_seed(seed)
 
+    @torch.no_grad()
+    def propose(self, states, limits):
+        rows = [i for i, n in enumerate(limits) if n > 0]
+        out = [Proposal(tokens=[]) for _ in states]
+        if rows:
+            self.propose_rows(states, limits, rows, out)
+        return out
+
+    def propose_rows(self, states, limits, rows: list[int], out: list) -> None:
+        """Fill `out[i]` for every request i in `rows` (those with a drafting limit > 0)."""
+        raise NotImplementedError
+
 
 class PromptLookupDrafter(Drafter):
     """n-gram prompt lookup: find the most recent earlier occurrence of the longest suffix n-gram
@@ -126,7 +139,7 @@ class OracleDrafter(Drafter):
     """Proposes the target's own greedy continuation: the physical ceiling of any drafter.
 
     `streams` (rid → greedy output of a plain run) seeds it; whenever the speculative output leaves
-    the stream (a bf16 near-tie resolved differently at a T ≥ 2 forward, DESIGN §5) the
+    the stream (a bf16 near-tie resolved differently at a T ≥ 2 forward, docs/design.md §5) the
     continuation is re-derived from the current sequence by greedy decoding. Its time is not
     charged: the oracle models a free drafter, so its rows measure the runtime's ceiling."""
 
@@ -136,13 +149,11 @@ class OracleDrafter(Drafter):
     def __init__(self, target, streams: dict[int, list[int]] | None = None):
         self.target = target
         self.streams = dict(streams or {})
-        self.rederived = 0
 
     def _continuation(self, s: RequestState) -> list[int]:
         gen = s.generated
         stream = self.streams.get(s.rid)
         if stream is None or stream[:len(gen)] != gen:
-            self.rederived += stream is not None
             stream = gen + self._greedy(s.tokens, s.remaining)
             self.streams[s.rid] = stream
         return stream[len(gen):]
@@ -152,9 +163,9 @@ class OracleDrafter(Drafter):
         if n <= 0:
             return []
         ids = torch.tensor([tokens], device=self.target.device)
-        out = self.target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                         do_sample=False, eos_token_id=self.target.eos_token_ids,
-                                         pad_token_id=self.target.eos_token_ids[0])
+        out = self.target.hf_generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      do_sample=False, eos_token_id=self.target.eos_token_ids,
+                                      pad_token_id=self.target.eos_token_ids[0])
         return out[0, len(tokens):].tolist()
 
     def propose(self, states, limits):

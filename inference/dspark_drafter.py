@@ -46,12 +46,7 @@ class DSparkDrafter(HeadDrafter):
     def finish(self, state):
         self.kv.pop(state.rid, None)
 
-    @torch.no_grad()
-    def propose(self, states, limits):
-        rows = [i for i, n in enumerate(limits) if n > 0]
-        out = [Proposal(tokens=[]) for _ in states]
-        if not rows:
-            return out
+    def propose_rows(self, states, limits, rows, out):
         head, g = self.head, self.head.config.gamma
         dev = head.mask_embedding.device
         lens = [self._length(states[i].rid) for i in rows]
@@ -80,4 +75,3 @@ class DSparkDrafter(HeadDrafter):
                 full = torch.zeros(n, self.vocab_size, device=probs.device)
                 full[:, head.d2t] = probs[j, :n]
             out[i] = Proposal(tokens=toks[j, :n].tolist(), probs=full, confidences=confs[j, :n].tolist())
-        return out

@@ -53,12 +53,7 @@ class Eagle3Drafter(HeadDrafter):
             return tok, p, p.max(-1).values
         return logits.argmax(-1), None, torch.softmax(logits, -1).max(-1).values
 
-    @torch.no_grad()
-    def propose(self, states, limits):
-        rows = [i for i, n in enumerate(limits) if n > 0]
-        out = [Proposal(tokens=[]) for _ in states]
-        if not rows:
-            return out
+    def propose_rows(self, states, limits, rows, out):
         head, dev = self.head, self.head.device
         r = len(rows)
         # committed entries, right-padded to a common width
@@ -116,4 +111,3 @@ class Eagle3Drafter(HeadDrafter):
                 full = torch.zeros(n, self.vocab_size, device=probs.device)
                 full[:, head.d2t] = probs[j, :n]
             out[i] = Proposal(tokens=toks[j][:n], probs=full, confidences=confs[j][:n])
-        return out

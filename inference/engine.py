@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dspark.core.errors import DSparkError
+from dspark.models.target import layer_features
 
 from .cache import SlotCache
 from .drafters import Drafter, Proposal, RequestState
@@ -141,16 +142,11 @@ class Engine:
         return Result(outputs=[s.generated for s in states], states=states, stats=stats)
 
     # ------------------------------------------------------------------ internals
-    def _forward(self, ids, mask, pos, cache, want_hidden: bool, logits_to_keep: int = 0):
-        return self.target.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                                 use_cache=True, output_hidden_states=want_hidden,
-                                 logits_to_keep=logits_to_keep)
-
     def _features(self, out) -> torch.Tensor | None:
         layers = self.drafter.feature_layers if self.drafter is not None else ()
         if not layers:
             return None
-        return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        return layer_features(out.hidden_states, layers)
 
     def _prefill(self, states, cache: SlotCache, stats: Stats) -> list[RequestState]:
         t = time.perf_counter()
@@ -167,7 +163,7 @@ class Engine:
         if width:
             pos = (valid.long().cumsum(1) - 1).clamp_min(0)
             ids, valid, pos = ids.to(self.device), valid.to(self.device), pos.to(self.device)
-            out = self._forward(ids, valid.long(), pos, cache, self._wants_hidden(), logits_to_keep=1)
+            out = self.target.cached_forward(ids, valid.long(), pos, cache, self._wants_hidden(), logits_to_keep=1)
             cache.append_valid(valid)
             f = self._features(out)
             if f is not None:
@@ -215,7 +211,7 @@ class Engine:
         pos = base[:, None] + offs[None, :]
         new_valid = offs[None, :] <= lengths[:, None]
         ids, pos, new_valid = ids.to(self.device), pos.to(self.device), new_valid.to(self.device)
-        out = self._forward(ids, cache.attention_mask(new_valid), pos, cache, self._wants_hidden())
+        out = self.target.cached_forward(ids, cache.attention_mask(new_valid), pos, cache, self._wants_hidden())
         cache.append_valid(new_valid)
         logits = out.logits
         stats.t_verify += time.perf_counter() - t
@@ -239,7 +235,6 @@ class Engine:
             new = props[i].tokens[:k] + [extra[i]]
             self._record(s, logits[i], new)
             stats.request_steps += 1
-            s.steps += 1
             self._append(s, new, now)
         stats.tokens += sum(len(s.generated) for s in active if s.done)
         if self.drafter is not None:

@@ -1,18 +1,14 @@
-"""Trained head → runtime drafter, by the head's class."""
+"""Trained head → runtime drafter, by the head's architecture key (the key of models/heads.py HEADS)."""
 from __future__ import annotations
-
-from dspark.models.dspark import DSparkDraft
-from dspark.models.eagle3 import Eagle3Draft
 
 from .drafters import Drafter
 from .dspark_drafter import DSparkDrafter
 from .eagle3_drafter import Eagle3Drafter
 
-DRAFTERS: dict[type, type[Drafter]] = {DSparkDraft: DSparkDrafter, Eagle3Draft: Eagle3Drafter}
+DRAFTERS: dict[str, type[Drafter]] = {"dspark": DSparkDrafter, "eagle3": Eagle3Drafter}
 
 
 def drafter_for(head, target, temperature: float = 0.0, seed: int = 0) -> Drafter:
-    for cls, drafter in DRAFTERS.items():
-        if isinstance(head, cls):
-            return drafter(head, target, temperature=temperature, seed=seed)
-    raise TypeError(f"no runtime drafter for {type(head).__name__}")
+    if head.architecture not in DRAFTERS:
+        raise TypeError(f"no runtime drafter for architecture '{head.architecture}' ({type(head).__name__})")
+    return DRAFTERS[head.architecture](head, target, temperature=temperature, seed=seed)

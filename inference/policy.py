@@ -26,6 +26,8 @@ and the fill depends only on admitted positions, so it keeps the rule above.
 """
 from __future__ import annotations
 
+import re
+
 
 class Policy:
     name = "policy"
@@ -160,16 +162,30 @@ class ConfidenceScheduler(Policy):
         return [min(len(s), width - 1) for s in surv]    # fill: slots inside the width are computed anyway
 
 
+POLICIES = "all|sched|threshold|gamma<N> (N >= 1)"
+
+
+def parse_policy(name) -> tuple[str, int | None]:
+    """A policy name → (kind, N): `all`, `sched`, `threshold` (N None) or `gamma<N>` → ("gamma", N),
+    at most N >= 1 drafted tokens verified (gamma1: like MTP-1). The one check of the names: the
+    settings check (cli/settings.py) and `make_policy` both ask it. ValueError for anything else."""
+    if name in ("all", "sched", "threshold"):
+        return name, None
+    m = re.fullmatch(r"gamma([0-9]+)", name) if isinstance(name, str) else None
+    if m and int(m.group(1)) >= 1:
+        return "gamma", int(m.group(1))
+    raise ValueError(f"unknown policy {name!r}: {POLICIES}")
+
+
 def make_policy(name: str, step_cost=None, threshold: float = 0.5, unit: str = "column") -> Policy:
-    """`all`, `sched`, `threshold` or `gammaN` (N drafted tokens at most, e.g. gamma1)."""
-    if name == "all":
+    """The policy `name` names (see `parse_policy`); `sched` needs `step_cost`."""
+    kind, n = parse_policy(name)
+    if kind == "all":
         return VerifyAll()
-    if name == "sched":
+    if kind == "sched":
         if step_cost is None:
             raise ValueError("the scheduler needs a step-cost profile")
         return ConfidenceScheduler(step_cost, unit=unit)
-    if name == "threshold":
+    if kind == "threshold":
         return StaticThreshold(threshold)
-    if name.startswith("gamma") and name[5:].isdigit():
-        return FixedLength(int(name[5:]))
-    raise ValueError(f"unknown policy '{name}': all | sched | threshold | gamma<N>")
+    return FixedLength(n)

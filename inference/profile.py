@@ -79,7 +79,8 @@ class StepCost:
 @torch.no_grad()
 def measure(target, rows: list[int], max_width: int, context: int = 256, repeats: int = 5,
             want_hidden: bool = True, progress: bool = True) -> dict[int, list[float]]:
-    """Median seconds of one verification forward for each R in `rows` and T = 1..max_width."""
+    """Median seconds of one verification forward (`Target.cached_forward`, as the runtime runs it) for
+    each R in `rows` and T = 1..max_width."""
     dev = target.device
     vocab = target.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -90,8 +91,7 @@ def measure(target, rows: list[int], max_width: int, context: int = 256, repeats
         ids = torch.randint(0, vocab, (r, context), generator=gen).to(dev)
         valid = torch.ones(r, context, dtype=torch.bool, device=dev)
         pos = torch.arange(context, device=dev).expand(r, -1)
-        target.model(input_ids=ids, attention_mask=valid.long(), position_ids=pos, cache=cache, use_cache=True,
-                     logits_to_keep=1)
+        target.cached_forward(ids, valid.long(), pos, cache, logits_to_keep=1)
         cache.append_valid(valid)
         costs = []
         for t in range(1, max_width + 1):
@@ -103,8 +103,7 @@ def measure(target, rows: list[int], max_width: int, context: int = 256, repeats
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                target.model(input_ids=new_ids, attention_mask=cache.attention_mask(new_valid), position_ids=new_pos,
-                             cache=cache, use_cache=True, output_hidden_states=want_hidden)
+                target.cached_forward(new_ids, cache.attention_mask(new_valid), new_pos, cache, want_hidden)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if k:                    # the first run is a warm-up

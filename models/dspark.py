@@ -23,13 +23,14 @@ from torch import nn
 
 from dspark.core.errors import DSparkError
 
-from .head_base import DraftHeadBase, config_from_dict
+from .head_base import DraftHeadBase, HeadConfigBase, target_fields
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
 
 
 @dataclass
-class DSparkConfig:
+class DSparkConfig(HeadConfigBase):
+    label = "DSpark"                      # (not a field) names the kind in config errors
     target: str = ""                      # name of the target this head belongs to
     target_name_or_path: str = ""         # its Hub id or folder when known (written by dspark export)
     target_revision: str = ""             # its Hub revision when known (written by dspark export)
@@ -67,13 +68,6 @@ class DSparkConfig:
     def kind(self) -> str:
         return "dflash" if self.sequential_head == "none" else "dspark"
 
-    @property
-    def head_dim(self) -> int:
-        return self.target_hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return config_from_dict(cls, d, "DSpark")
 
 
 class RMSNorm(nn.Module):
@@ -187,6 +181,19 @@ class DSparkDraft(DraftHeadBase, nn.Module):
     confidence head. Shared and frozen (attached, not saved): the target's embedding and LM head."""
 
     config_class = DSparkConfig
+    architecture = "dspark"
+
+    @classmethod
+    def from_draft_cfg(cls, d, target, d2t) -> "DSparkDraft":
+        """A fresh head from a `conf/draft` size; unset widths follow the target."""
+        config = DSparkConfig(**target_fields(d, target), num_layers=d.num_layers, gamma=d.gamma,
+                              target_layer_ids=list(d.target_layer_ids or default_layer_ids(target.num_layers)),
+                              sequential_head=d.sequential_head, head_rank=d.head_rank,
+                              draft_vocab_size=0 if d2t is None else len(d2t))
+        head = cls(config, d2t).attach(target)
+        if d.get("init_from_target"):
+            head.init_from_target(target)
+        return head
 
     def __init__(self, config: DSparkConfig, d2t: torch.Tensor | None = None):
         super().__init__()

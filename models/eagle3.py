@@ -32,11 +32,12 @@ from torch import nn
 from dspark.core.errors import DSparkError
 
 from .dspark import MLP, RMSNorm, rope
-from .head_base import DraftHeadBase, config_from_dict
+from .head_base import DraftHeadBase, HeadConfigBase, target_fields
 
 
 @dataclass
-class Eagle3Config:
+class Eagle3Config(HeadConfigBase):
+    label = "EAGLE-3"                     # (not a field) names the kind in config errors
     target: str = ""                      # name of the target this head belongs to
     target_hidden_size: int = 576
     target_vocab_size: int = 49152
@@ -64,13 +65,6 @@ class Eagle3Config:
     def kind(self) -> str:
         return "eagle3"
 
-    @property
-    def head_dim(self) -> int:
-        return self.target_hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        return config_from_dict(cls, d, "EAGLE-3")
 
 
 def eagle3_layer_ids(num_layers: int) -> list[int]:
@@ -134,6 +128,17 @@ class Eagle3Draft(DraftHeadBase, nn.Module):
     target's embedding and LM head (rows of the draft vocabulary)."""
 
     config_class = Eagle3Config
+    architecture = "eagle3"
+
+    @classmethod
+    def from_draft_cfg(cls, d, target, d2t) -> "Eagle3Draft":
+        """A fresh head from `conf/draft/eagle3.yaml`; unset widths follow the target."""
+        if d.get("num_layers", 1) != 1:
+            raise DSparkError(f"an EAGLE-3 head has one decoder layer (draft.num_layers={d.num_layers}): drop the override")
+        config = Eagle3Config(**target_fields(d, target), gamma=d.gamma,
+                              target_layer_ids=list(d.target_layer_ids or eagle3_layer_ids(target.num_layers)),
+                              draft_vocab_size=0 if d2t is None else len(d2t))
+        return cls(config, d2t).attach(target)
 
     def __init__(self, config: Eagle3Config, d2t: torch.Tensor | None = None):
         super().__init__()

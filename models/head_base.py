@@ -31,12 +31,46 @@ def config_from_dict(cls, d: dict, what: str):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def target_fields(d, target) -> dict:
+    """Config fields every head kind takes from the target, with the `conf/draft` widths that are
+    unset (null) following the target's own."""
+    tc = target.model.config
+    return dict(target=target.name, target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
+                target_num_layers=target.num_layers,
+                num_attention_heads=d.num_attention_heads or tc.num_attention_heads,
+                num_key_value_heads=d.num_key_value_heads or tc.num_key_value_heads,
+                intermediate_size=d.intermediate_size or tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
+                rope_theta=float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+
+
+class HeadConfigBase:
+    """What every head config dataclass shares: the attention head width and the typed reading of
+    config.json (`label` names the kind in errors)."""
+
+    label = "draft head"
+
+    @property
+    def head_dim(self) -> int:
+        return self.target_hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return config_from_dict(cls, d, cls.label)
+
+
 class DraftHeadBase:
-    """Mixin for nn.Module heads: the class sets `config_class`; instances have `.config` (with
-    draft_vocab_size, target_vocab_size, target_hidden_size, target_layer_ids, target) and take
-    `(config, d2t=…)`."""
+    """Mixin for nn.Module heads. The class sets `config_class`, `architecture` (its key in every
+    layer's registry: models/heads.py, inference/head_drafters.py, train/objectives.py,
+    hub/layouts.py) and `from_draft_cfg` (a fresh head from a `conf/draft` node); instances have
+    `.config` (with draft_vocab_size, target_vocab_size, target_hidden_size, target_layer_ids, target)
+    and take `(config, d2t=…)`."""
 
     config_class: type
+    architecture: str
+
+    @classmethod
+    def from_draft_cfg(cls, d, target, d2t):
+        raise NotImplementedError
 
     def init_vocabulary(self, d2t: torch.Tensor | None) -> None:
         """Register d2t (draft id → target id, saved), its inverse t2d (target id → draft id, or

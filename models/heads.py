@@ -11,7 +11,18 @@ from dspark.core.errors import DSparkError
 from .dspark import DSparkDraft
 from .eagle3 import Eagle3Draft
 
-HEAD_CLASSES: dict[str, type[nn.Module]] = {"DSparkDraft": DSparkDraft, "Eagle3Draft": Eagle3Draft}
+# Every head kind, by its architecture key (the same key in inference/head_drafters.py DRAFTERS,
+# train/objectives.py OBJECTIVES and hub/layouts.py LAYOUTS; docs/adding-a-head.md).
+HEADS: dict[str, type[nn.Module]] = {m.architecture: m for m in (DSparkDraft, Eagle3Draft)}
+HEAD_CLASSES = {m.__name__: m for m in HEADS.values()}   # config.json "architectures" → class
+
+
+def build_head(d, target, d2t) -> nn.Module:
+    """A fresh head from a `conf/draft` node: `architecture` (default dspark) picks the kind."""
+    arch = d.get("architecture") or "dspark"
+    if arch not in HEADS:
+        raise DSparkError(f"draft.architecture={arch!r} is unknown: choose one of {sorted(HEADS)}")
+    return HEADS[arch].from_draft_cfg(d, target, d2t)
 
 
 def head_architecture(folder: str | Path) -> str:

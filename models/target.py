@@ -1,7 +1,11 @@
-"""The frozen target model: loading (GGUF package, Hub id, local folder, tiny) and chat encoding.
+"""The frozen target model: loading (GGUF package, Hub id, local folder, tiny), chat encoding and the
+operations drafters and stages run on it.
 
 Every stage gets its target through `load_target(cfg.target)`, so the default SmolLM2-135M, any
-Hugging Face model and the tiny test model are interchangeable everywhere.
+Hugging Face model and the tiny test model are interchangeable everywhere. Only `Target` runs the
+Hugging Face model: `features` (drafter features of an uncached forward), `logits` (the frozen LM
+head), `cached_forward` (the runtime's prefill/verification pass) and `hf_generate` (the outside
+baseline); tests/test_target_ops.py keeps every other module off `target.model(…)`.
 """
 from __future__ import annotations
 
@@ -57,10 +61,6 @@ class Target:
         return next(self.model.parameters()).device
 
     @property
-    def config(self):
-        return self.model.config
-
-    @property
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
@@ -76,6 +76,34 @@ class Target:
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 
+    @torch.no_grad()
+    def features(self, ids: torch.Tensor, layers) -> tuple[torch.Tensor, torch.Tensor]:
+        """One uncached forward over `ids` (B, L): the hidden states at `layers` concatenated (B, L, k·H)
+        and the final, normed hidden state (B, L, H). No attention mask: rows are right-padded, and
+        under a causal mask padding never reaches a real token (passing one sends transformers down a
+        ~10× slower masked path on CPU)."""
+        hs = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+        return layer_features(hs, layers), hs[-1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen LM head on final, normed hidden states: (…, H) → (…, V), on the head's device
+        and in its dtype."""
+        w = self.model.get_output_embeddings().weight.detach()
+        return hidden.to(w.device, w.dtype) @ w.t()
+
+    def cached_forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache,
+                       hidden: bool = False, logits_to_keep: int = 0):
+        """The runtime's prefill or verification pass: ids (R, T) at positions `pos` over the slot
+        `cache` (inference/cache.py), which it extends by T slots; `mask` (R, S + T) marks the valid
+        slots, past and new. Returns the Hugging Face output: `.logits` of the last `logits_to_keep`
+        positions (0: all), `.hidden_states` when `hidden`."""
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                          output_hidden_states=hidden, logits_to_keep=logits_to_keep)
+
+    def hf_generate(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Hugging Face `generate` on the target (the outside baseline and the oracle's greedy streams)."""
+        return self.model.generate(ids, **kwargs)
+
     def encode_chat(self, messages: list[dict] | str) -> list[int]:
         """Token ids of a conversation with the generation prompt appended (chat template applied)."""
         if isinstance(messages, str):
@@ -89,6 +117,13 @@ class Target:
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return list(ids)
+
+
+def layer_features(hidden_states, layers) -> torch.Tensor:
+    """Drafter features: the `hidden_states` at `layers` (indices: 0 = embeddings, i = output of decoder
+    layer i−1), concatenated on the last dim. The one place they are built, for the feature cache,
+    training and the runtime alike."""
+    return torch.cat([hidden_states[i] for i in layers], dim=-1)
 
 
 def target_name(cfg) -> str:

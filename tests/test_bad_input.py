@@ -34,6 +34,9 @@ def run_dir(tmp_path_factory, data_dir, tiny_target):
     (root / "seven-head" / "config.json").write_text(json.dumps({**cfg, "gamma": "seven"}))
     (root / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     (root / "a-file").write_text("not a folder\n")
+    (root / "long.jsonl").write_text(json.dumps({"prompt": "x" * 5000}) + "\n")
+    (root / "malformed.jsonl").write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    (root / "empty.jsonl").write_text("\n")
     return root
 
 
@@ -84,6 +87,14 @@ CASES = [
     ("bench", ["head={root}/other-head"], "some-other-model"),
     ("bench", ["prompts=jsonl", "prompts.path={root}/latin1.jsonl"], "latin1.jsonl"),
     ("bench", ["max_new_tokens=5000", "prompts.limit=1"], "context"),
+    ("bench", ["prompts=jsonl", "prompts.path={root}/long.jsonl"], "context"),
+    ("bench", ["prompts=jsonl", "prompts.path={root}/malformed.jsonl"], "malformed.jsonl:2"),
+    ("bench", ["prompts=jsonl", "prompts.path={root}/empty.jsonl"], "empty"),
+    ("bench", ["prompts=jsonl"], "prompts.path"),
+    ("bench", ["target=nope"], "target"),
+    ("bench", ["target.name_or_path={root}/no-model"], "trained for target"),
+    ("bench", ["target.name_or_path={root}/no-model", "head=null"], "does not exist"),
+    ("bench", ["not_a_key=1"], "not_a_key"),
     # export
     ("export", ["export_dir={out}"], "export_dir"),
     ("export", ["export_dir={root}/a-file"], "export_dir"),

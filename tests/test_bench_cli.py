@@ -40,6 +40,9 @@ def test_bench_concurrency_rows(tmp_path):
     d = json.loads((out / "bench.json").read_text())
     assert set(d["methods"]) == {"plain", "prompt_lookup", "plain@R2", "prompt_lookup@R2"}
     assert all(m["identical_to_plain"] for m in d["methods"].values())
+    assert d["methods"]["prompt_lookup@R2"]["method"] == {"head": "prompt_lookup", "policy": None, "concurrency": 2}
+    assert d["methods"]["plain"]["method"] == {"head": None, "policy": None, "concurrency": 1}
+    assert all(m["gamma"] == 7 for m in d["methods"].values())
 
 
 def test_bench_policies_under_load_with_a_trained_head(tmp_path, tiny_target):
@@ -54,8 +57,12 @@ def test_bench_policies_under_load_with_a_trained_head(tmp_path, tiny_target):
                f"sched.profile_dir={tmp_path / 'profiles'}", "gamma=5")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads((out / "bench.json").read_text())
-    for name in ("dspark", "dspark+sched", "dspark+threshold", "dspark+gamma1"):
+    for name, policy in (("dspark", "all"), ("dspark+sched", "sched"), ("dspark+threshold", "threshold"),
+                         ("dspark+gamma1", "gamma1")):
         assert name in d["methods"] and f"{name}@R2" in d["methods"], name
+        for r in (1, 2):   # each row carries its record, so no reader parses names
+            row = d["methods"][name if r == 1 else f"{name}@R2"]
+            assert row["method"] == {"head": "dspark", "policy": policy, "concurrency": r} and row["gamma"] == 5
     assert all(m["identical_to_plain"] for m in d["methods"].values())
     assert d["methods"]["dspark+gamma1"]["verified_per_step"] <= 2.0 + 1e-9
     assert d["load"]["baseline"] == "dspark+gamma1" and len(d["load"]["matched"]["rows"]) == 2
@@ -63,49 +70,6 @@ def test_bench_policies_under_load_with_a_trained_head(tmp_path, tiny_target):
     for png in ("frontier.png", "acceptance_by_position.png"):
         assert (out / png).stat().st_size > 1000
     assert "matched aggregate throughput" in (out / "bench.md").read_text()
-
-
-def one_error_line(r, *needles):
-    assert r.returncode != 0
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and "it/s]" not in ln]
-    assert "Traceback" not in r.stderr, r.stderr[-1500:]
-    assert len(lines) <= 8, r.stderr   # Hydra's own config errors take a few short lines
-    text = " ".join(lines).lower()
-    for n in needles:
-        assert n.lower() in text, r.stderr
-
-
-@pytest.mark.parametrize("args,needles", [
-    (["target=nope"], ["target", "nope"]),
-    (["target.name_or_path=/does/not/exist"], ["does not exist"]),
-    (["prompts=jsonl"], ["prompts.path"]),
-    (["not_a_key=1"], ["not_a_key"]),
-    (["methods=[plain,warp]"], ["methods", "warp"]),
-    (["policies=[all,fastest]"], ["policies", "fastest"]),
-])
-def test_bad_input_one_clear_error(tmp_path, args, needles):
-    out = tmp_path / "x"
-    r = dspark("bench", "target=tiny", f"output_dir={out}", *args)
-    one_error_line(r, *needles)
-    assert not out.exists() or not any(out.iterdir()), "a failed run left files behind"
-
-
-def test_malformed_and_empty_prompt_files(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
-    r = dspark("bench", "target=tiny", f"output_dir={tmp_path / 'o1'}", "prompts=jsonl", f"prompts.path={bad}")
-    one_error_line(r, "bad.jsonl:2", "malformed")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    r = dspark("bench", "target=tiny", f"output_dir={tmp_path / 'o2'}", "prompts=jsonl", f"prompts.path={empty}")
-    one_error_line(r, "empty")
-
-
-def test_prompt_longer_than_context(tmp_path):
-    long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"prompt": "x" * 5000}) + "\n")
-    r = dspark("bench", "target=tiny", f"output_dir={tmp_path / 'o'}", "prompts=jsonl", f"prompts.path={long}")
-    one_error_line(r, "context")
 
 
 def test_missing_smollm2_package_names_the_install(tiny_target, monkeypatch, tmp_path):

@@ -46,7 +46,7 @@ def test_config_composes_and_builds_an_eagle3_head(tiny_target):
     cfg = compose_cfg("train", "draft=eagle3")
     assert cfg.draft.architecture == "eagle3" and cfg.draft.name == "eagle3"
     compose_cfg("train", "draft=eagle3", "experiment=quick")
-    from dspark.train.trainer import build_head
+    from dspark.models.heads import build_head
 
     head = build_head(compose_cfg("train", "target=tiny", "draft=eagle3").draft, tiny_target, None)
     assert isinstance(head, Eagle3Draft) and head.config.kind == "eagle3"

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import compose_cfg, tiny_head
+from dspark.core.errors import DSparkError
+from dspark.core.methods import Method
 from dspark.hub import export
 from dspark.hub import io as hub
-from dspark.core.errors import DSparkError
 from dspark.hub.io import load_head
 
 BENCH = {"target": "tiny", "dtype": "float32", "prompts": 3, "prompt_set": "humaneval", "max_new_tokens": 32,
@@ -115,6 +116,10 @@ def test_card_bench_notes_follow_the_rows():
     b["methods"].update({"oracle": plain, "dspark:prev": {**plain, "divergences_all_near_ties": False}})
     text = model_card._bench(b, "dspark")
     assert "`oracle` proposes" in text and "Rows `dspark:prev`: other heads" in text and "near-tie" not in text
+    # rows that carry their method record (bench.json since the records) read the same as names alone
+    fields = {k: {**m, "method": Method.of_row(k, m).to_json()} for k, m in b["methods"].items()}
+    assert model_card._bench({**b, "methods": fields}, "dspark") == text
+    assert fields["dspark:prev"]["method"] == {"head": "dspark:prev", "policy": "all", "concurrency": 1}
 
 
 def test_card_calibration_table(tiny_target, tmp_path):

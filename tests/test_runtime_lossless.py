@@ -12,8 +12,8 @@ MAX_NEW = [37, 20, 29]   # different finish times
 
 def hf_greedy(target, prompt, n):
     ids = torch.tensor([prompt])
-    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                eos_token_id=target.eos_token_ids, pad_token_id=0)
+    out = target.hf_generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=target.eos_token_ids, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 

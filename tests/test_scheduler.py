@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_head
 from dspark.inference import DSparkDrafter, Engine, Proposal
 from dspark.inference.policy import (ConfidenceScheduler, FixedLength, StaticThreshold, VerifyAll, make_policy,
-                                     survival)
+                                     parse_policy, survival)
 from dspark.inference.profile import StepCost, step_cost_profile
 from dspark.inference.verify import target_probs
 from test_sampling_distribution import chi2_ok
@@ -92,6 +92,19 @@ def test_comparison_policies():
         StaticThreshold().choose([None], [Proposal(tokens=[1, 2])], [2])
 
 
+def test_policy_names_are_checked_in_one_place():
+    """`parse_policy` is the grammar: `make_policy` and the settings check (cli/settings.py) both ask it."""
+    from dspark.settings import Policy
+
+    assert parse_policy("gamma12") == ("gamma", 12) and make_policy("gamma12").n == 12
+    for name in ("all", "sched", "threshold", "gamma1"):
+        assert Policy().ok(name) and make_policy(name, step_cost=tiny_cost()).name == name
+    for bad in ("gamma0", "gamma", "gamma-1", "gammax", "fastest", "", None, 3):
+        assert not Policy().ok(bad), bad
+        with pytest.raises(ValueError, match="unknown policy"):
+            make_policy(bad, step_cost=tiny_cost())
+
+
 def random_cost(rng, rows, width):
     table = {}
     for r in rows:
@@ -124,7 +137,7 @@ def test_decision_for_position_k_ignores_later_positions(policy_name):
 
 
 def test_scheduler_verifies_less_under_load_with_the_design_cost_model():
-    """DESIGN §4 cost: 22.4 + 0.55·R·T + 1.14·R ms. Same moderate confidences: long blocks at R=1,
+    """docs/design.md §4 cost: 22.4 + 0.55·R·T + 1.14·R ms. Same moderate confidences: long blocks at R=1,
     shorter ones at R=32, never longer."""
     cost = lambda r, t: 22.4 + 0.55 * r * t + 1.14 * r   # noqa: E731
     conf = [0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5]

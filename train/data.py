@@ -122,12 +122,8 @@ class FeatureSource:
         return self._online(batch)
 
     def _online(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # right padding under a causal mask never reaches a real token, so no attention mask is needed
-        # (passing one sends transformers down a ~10× slower masked path on CPU)
-        out = self.target.model(input_ids=batch["input_ids"].to(self.target.device), output_hidden_states=True,
-                                logits_to_keep=1)
-        hs = out.hidden_states
-        return torch.cat([hs[i] for i in self.layer_ids], -1), hs[-1]
+        # right-padded rows, no attention mask: Target.features says why
+        return self.target.features(batch["input_ids"].to(self.target.device), self.layer_ids)
 
     def _cached(self, batch):
         pairs = []

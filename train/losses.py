@@ -1,8 +1,9 @@
-"""DSpark training losses (DESIGN §1), per drafted position k = 1..γ of every block:
+"""DSpark training losses (docs/design.md §1), per drafted position k = 1..γ of every block:
 
-    α_ce·CE(label) + α_tv·‖p_d − p_t‖₁ + α_conf·BCE(c_k, c*_k),   c*_k = 1 − ½‖p_d − p_t‖₁,
+    α_ce·CE(label) + α_l1·‖p_d − p_t‖₁ + α_conf·BCE(c_k, c*_k),   c*_k = 1 − ½‖p_d − p_t‖₁,
 
-each weighted by w_k = exp(−(k−1)/γ). With a reduced draft vocabulary the target's mass outside it
+each weighted by w_k = exp(−(k−1)/γ). The L1 distance is twice the total variation distance, so
+c*_k is the probability that a draft sampled from p_d is accepted against p_t. With a reduced draft vocabulary the target's mass outside it
 counts fully in the L1 term (the draft can never propose those tokens) and CE skips labels outside it.
 """
 from __future__ import annotations
@@ -32,8 +33,8 @@ def block_losses(draft_logits, conf_logits, target_logits, labels_draft, valid, 
     ce = -logp_d.gather(-1, labels_draft.clamp_max(vd - 1)[..., None])[..., 0] * in_vocab
     bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
     w = position_weights(draft_logits.shape[1], draft_logits.device) * valid
-    loss = (alpha["ce"] * ce + alpha["tv"] * l1 + alpha["conf"] * bce) * w
-    greedy = (draft_logits.argmax(-1) == F.pad(p_t, (0, 1), value=-1.0).argmax(-1)) \
+    loss = (alpha["ce"] * ce + alpha["l1"] * l1 + alpha["conf"] * bce) * w
+    greedy = (draft_logits.argmax(-1) == p_t.argmax(-1)) \
         & (p_t.max(-1).values >= p_t_full.max(-1).values)                        # target argmax inside vocab
     return {"loss": loss.sum(), "ce": (ce * valid).sum(), "l1": (l1 * valid).sum(), "bce": (bce * valid).sum(),
             "count": valid.sum(), "accept": accept, "greedy": greedy & valid, "valid": valid,

@@ -1,25 +1,23 @@
 """Training objectives plugged into the one Trainer: `forward_loss(batch, gen) -> (loss_sum, count, stats)`.
 
-`dspark` and `dflash` share one objective (DFlash is the head without its sequential part); `eagle3`
-trains the autoregressive EAGLE-3 head with training-time test on the same anchors and target distributions.
+Keyed by head architecture: `dspark` heads (DFlash is the DSpark head without its sequential part)
+share one objective; `eagle3` trains the autoregressive EAGLE-3 head with training-time test on the same anchors and target distributions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .losses import block_losses, position_weights
-
 from .data import sample_anchors
+from .losses import block_losses, position_weights
 
 
 class BlockObjective:
-    """Packed anchor blocks over target features; losses of DESIGN §1 (train/losses.py)."""
+    """Packed anchor blocks over target features; losses of docs/design.md §1 (train/losses.py)."""
 
     def __init__(self, model, target, features, anchors_per_seq: int, alpha: dict):
         self.model, self.target, self.features = model, target, features
         self.anchors_per_seq, self.alpha = anchors_per_seq, dict(alpha)
-        self.lm_weight = target.model.get_output_embeddings().weight.detach()
 
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`self.model` may be wrapped for data parallelism; `head` is the unwrapped module (buffers)."""
@@ -47,7 +45,7 @@ class BlockObjective:
         with torch.no_grad():
             # the target's distribution for token n+k comes from its final state at n+k−1
             h_t = last.gather(1, pos[..., :-1].clamp_max(width - 1).view(b, -1, 1).expand(-1, -1, last.shape[-1]))
-            target_logits = (h_t.to(self.lm_weight.device, self.lm_weight.dtype) @ self.lm_weight.t()).view(b, a, g, -1).to(dev)
+            target_logits = self.target.logits(h_t).view(b, a, g, -1).to(dev)
         return feats.to(dev), ids, anchors, valid, toks, target_logits
 
 
@@ -69,7 +67,7 @@ class Eagle3Objective(BlockObjective):
         logp_d = F.log_softmax(draft_logits.float(), -1)
         top = logp_d.detach().max(-1).values.exp().clamp(1e-6, 1 - 1e-6)
         out = block_losses(draft_logits, torch.logit(top), target_logits, head.t2d[toks[..., 1:]].view(b * a, g),
-                           valid, head.d2t, {"ce": 0.0, "tv": 0.0, "conf": 0.0})
+                           valid, head.d2t, {"ce": 0.0, "l1": 0.0, "conf": 0.0})
         with torch.no_grad():
             p_t = F.softmax(target_logits.float(), -1)[..., head.d2t]
             p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -78,4 +76,5 @@ class Eagle3Objective(BlockObjective):
         return out["loss"], out["count"], out
 
 
-OBJECTIVES = {"dspark": BlockObjective, "dflash": BlockObjective, "eagle3": Eagle3Objective}
+# Training objective by head architecture (the key of models/heads.py HEADS; DFlash is a DSpark head).
+OBJECTIVES = {"dspark": BlockObjective, "eagle3": Eagle3Objective}

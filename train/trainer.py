@@ -20,15 +20,14 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from dspark.data.dataset import load_rows, split
-from dspark.core.files import write_json_atomic
-from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids
-from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids
 from dspark.core.errors import DSparkError
-from .losses import expected_tau, lr_factor
+from dspark.core.files import write_json_atomic
+from dspark.data.dataset import load_rows, split
+from dspark.models.heads import build_head
 from dspark.models.target import load_target
 
 from .data import FeatureSource, cache_files, collate, draft_vocabulary
+from .losses import expected_tau, lr_factor
 from .objectives import OBJECTIVES
 
 # The checkpoints folder belongs to one run: every checkpoint records the run's settings (the resolved
@@ -65,37 +64,6 @@ def run_settings(cfg) -> dict:
     return json.loads(json.dumps(flat, default=str))   # as read back from the json
 
 
-def build_head(d, target, d2t) -> DSparkDraft | Eagle3Draft:
-    """A fresh head from a `conf/draft` size (`architecture: eagle3` selects EAGLE-3); unset widths follow the target."""
-    tc = target.model.config
-    if d.get("architecture", "dspark") == "eagle3":
-        if d.get("num_layers", 1) != 1:
-            raise DSparkError(f"an EAGLE-3 head has one decoder layer (draft.num_layers={d.num_layers}): drop the override")
-        return Eagle3Draft(Eagle3Config(
-            target=target.name, target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
-            target_num_layers=target.num_layers,
-            target_layer_ids=list(d.target_layer_ids) if d.target_layer_ids else eagle3_layer_ids(target.num_layers),
-            num_attention_heads=d.num_attention_heads or tc.num_attention_heads,
-            num_key_value_heads=d.num_key_value_heads or tc.num_key_value_heads,
-            intermediate_size=d.intermediate_size or tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-            rope_theta=float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-            gamma=d.gamma, draft_vocab_size=0 if d2t is None else len(d2t)), d2t).attach(target)
-    layer_ids = list(d.target_layer_ids) if d.target_layer_ids else default_layer_ids(target.num_layers)
-    config = DSparkConfig(
-        target=target.name, target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
-        target_num_layers=target.num_layers, target_layer_ids=layer_ids, num_layers=d.num_layers,
-        num_attention_heads=d.num_attention_heads or tc.num_attention_heads,
-        num_key_value_heads=d.num_key_value_heads or tc.num_key_value_heads,
-        intermediate_size=d.intermediate_size or tc.intermediate_size, rms_norm_eps=tc.rms_norm_eps,
-        rope_theta=float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-        gamma=d.gamma, sequential_head=d.sequential_head, head_rank=d.head_rank,
-        draft_vocab_size=0 if d2t is None else len(d2t))
-    head = DSparkDraft(config, d2t).attach(target)
-    if d.init_from_target:
-        head.init_from_target(target)
-    return head
-
-
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -125,7 +93,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
         self.model, self.opt, self.sched = self.acc.prepare(self.head, self.opt, self.sched)
-        self.objective = OBJECTIVES[c.kind](self.model, self.target, self.features, cfg.anchors_per_seq, cfg.loss)
+        self.objective = OBJECTIVES[self.head.architecture](self.model, self.target, self.features,
+                                                            cfg.anchors_per_seq, cfg.loss)
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
 
     def _maybe_precompute(self) -> None:
@@ -233,7 +202,7 @@ class Trainer:
             self.head.eval()
             sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
             taus, greedy_taus, accept, greedy = [], [], [], []
-            obj = OBJECTIVES[self.head.config.kind](self.head, self.target, self.features,
+            obj = OBJECTIVES[self.head.architecture](self.head, self.target, self.features,
                                                      self.cfg.val_anchors_per_seq, self.cfg.loss)
             for i in range(0, len(self.val_rows), self.cfg.batch_size):
                 batch = collate(self.val_rows[i:i + self.cfg.batch_size])
