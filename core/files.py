@@ -1,10 +1,14 @@
-"""Whole-file writes that never leave a half-written file behind: write a hidden temporary next to the
-destination, then rename it over (atomic on one filesystem)."""
+"""Whole-file writes that never leave a half-written file behind (write a hidden temporary next to the
+destination, then rename it over: atomic on one filesystem), and a lock for one writer per folder."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import DSparkError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -17,3 +21,40 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def folder_lock(out: Path, name: str, who: str):
+    """Hold `<out>/.<name>.lock` (non-blocking flock; the kernel drops it when the process ends, even
+    killed), making `out` if needed; `who` names the command in the error another job gets. On the way out the
+    lock file goes, and so do the folders this run made if they are left empty (a refused run)."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f".{name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DSparkError(f"another {who} is writing to {out} (pid {pid}): "
+                              "wait for it or pass another output_dir=") from None
+        except OSError as e:   # a filesystem without flock (some NFS mounts)
+            os.close(fd)
+            raise DSparkError(f"cannot lock {path} ({e.strerror}): pass an output_dir= on a local disk") from None
+        if path.exists() and path.stat().st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)   # its last holder removed the file as we opened it: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)   # while still held, so no one locks a file that is gone
+        os.close(fd)
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break   # not empty: this run wrote there

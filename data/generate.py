@@ -2,7 +2,7 @@
 
 Flow: prompts from the `data` source → deduplicated, filtered → held-out split by a hash of the
 prompt text (deterministic, recorded in heldout.jsonl, never generated) → each process takes
-prompts[rank::world] → batched decoding on the runtime (length-sorted batches, left padded) →
+prompts[rank::world] → continuous batching on the runtime (batch_size at once, shortest first) →
 chunks of finished rows written with atomic renames (a re-run skips every prompt already in a chunk)
 → rank 0 merges the chunks into one `datasets` Arrow dataset at `<output_dir>/dataset`.
 
@@ -13,7 +13,6 @@ per rank keeps a second job off the folder.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -21,15 +20,14 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dspark.inference import Engine
 from dspark.core.errors import DSparkError
-from dspark.core.files import write_json_atomic, write_text_atomic
+from dspark.core.files import folder_lock, write_json_atomic, write_text_atomic
+from dspark.inference import Engine
 from dspark.models.target import load_target
 
 from .features import check_layers
@@ -99,7 +97,7 @@ def run(cfg) -> dict:
     engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
     train, heldout, skipped = select_prompts(cfg)
     want = settings(cfg, target, train, heldout)
-    with output_lock(out, acc.process_index):   # before the first write; a refused run leaves nothing
+    with folder_lock(out, f"generate-rank{acc.process_index}", "dspark generate"):   # before the first write; a refused run leaves nothing
         summary_path = out / "generate.json"
         if summary_path.is_file() and (out / "dataset").is_dir():
             done = json.loads(summary_path.read_text())
@@ -143,43 +141,6 @@ def run(cfg) -> dict:
         return summary
 
 
-@contextmanager
-def output_lock(out: Path, rank: int = 0):
-    """Hold `<out>/.generate-rank<rank>.lock` (non-blocking flock, one per rank of `accelerate launch`;
-    the kernel drops it when the process ends, even killed), making `out` if needed. On the way out the
-    lock file goes, and so do the folders this run made if they are left empty (a refused run)."""
-    made = [p for p in (out, *out.parents) if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f".generate-rank{rank}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise DSparkError(f"another dspark generate is writing to {out} (pid {pid}): "
-                              "wait for it or pass another output_dir=") from None
-        except OSError as e:   # a filesystem without flock (some NFS mounts)
-            os.close(fd)
-            raise DSparkError(f"cannot lock {path} ({e.strerror}): pass an output_dir= on a local disk") from None
-        if path.exists() and path.stat().st_ino == os.fstat(fd).st_ino:
-            break
-        os.close(fd)   # its last holder removed the file as we opened it: lock the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)   # while still held, so no one locks a file that is gone
-        os.close(fd)
-        for d in made:
-            try:
-                d.rmdir()
-            except OSError:
-                break   # not empty: this run wrote there
-
-
 def _row_settings(want: dict) -> dict:
     """The settings a generated row depends on (not the prompt selection: max_prompts, heldout_fraction, data)."""
     return {k: v for k, v in want.items() if k not in ("max_prompts", "heldout_fraction", "cache_features",
@@ -201,7 +162,7 @@ def _check_chunk_settings(chunks: Path, want: dict) -> None:
 
 def _check_writable(out: Path) -> None:
     """Fail before any work on a folder that cannot be written; makes nothing (the probe goes in the
-    nearest existing folder, `output_lock` makes `out`)."""
+    nearest existing folder, `folder_lock` makes `out`)."""
     base = next(p for p in (out, *out.parents) if p.exists())
     try:
         probe = base / f".write-probe-{os.getpid()}"   # one per process: ranks probe at the same time
@@ -228,7 +189,11 @@ def _prompt_limit(cfg, target) -> tuple[int, str]:
 
 
 def _generate_slice(cfg, engine: Engine, texts: list[str], chunks: Path, done: set[str], limit: int) -> int:
-    """Generate every prompt of this process's slice not already in a chunk; returns tokens made."""
+    """Generate every prompt of this process's slice not already in a chunk; returns tokens made.
+
+    Continuous batching: `batch_size` prompts run at once and a waiting one joins as soon as one
+    finishes; finished rows go to disk in chunks of `chunk_size` as they complete (an interruption
+    loses only rows not yet in a chunk)."""
     target = engine.target
     todo = []
     for text in texts:
@@ -238,27 +203,37 @@ def _generate_slice(cfg, engine: Engine, texts: list[str], chunks: Path, done: s
         if len(ids) > limit:
             continue   # counted at the merge: a training prompt without a row was too long
         todo.append((text, ids))
-    todo.sort(key=lambda x: len(x[1]))     # length-sorted batches waste little on padding
+    if not todo:
+        return 0
+    todo.sort(key=lambda x: len(x[1]))     # prompts that join together have similar lengths: little padding
     buffer, written, made, t0 = [], 0, 0, time.perf_counter()
-    bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=not todo)
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start:start + cfg.batch_size]
-        res = engine.generate([ids for _, ids in batch], cfg.max_new_tokens,
-                              seed=[row_seed(cfg.seed, prompt_id(text)) for text, _ in batch])
-        for (text, ids), out in zip(batch, res.outputs):
-            buffer.append({"prompt_id": prompt_id(text), "source": cfg.data.source, "prompt_tokens": len(ids),
-                           "input_ids": ids + out, "finish": "eos" if out and out[-1] in target.eos_token_ids else "length"})
-            made += len(out)
-        bar.update(len(batch))
+    bar = tqdm(total=len(todo), desc="generate", unit="prompt")
+
+    def flush():
+        nonlocal buffer, written
+        write_text_atomic(chunks / f"chunk-{buffer[0]['prompt_id']}.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in buffer))
+        buffer, written = [], written + 1
+        if cfg.stop_after_chunks and written >= cfg.stop_after_chunks:
+            bar.close()
+            print(f"stopping after {written} chunk(s) as asked (stop_after_chunks)", file=sys.stderr)
+            sys.exit(75)
+
+    def finished(i: int, state) -> None:
+        nonlocal made
+        (text, ids), out = todo[i], state.generated
+        buffer.append({"prompt_id": prompt_id(text), "source": cfg.data.source, "prompt_tokens": len(ids),
+                       "input_ids": ids + out, "finish": state.finish_reason})
+        made += len(out)
+        bar.update(1)
         bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.1f}")
-        if len(buffer) >= cfg.chunk_size or start + cfg.batch_size >= len(todo):
-            write_text_atomic(chunks / f"chunk-{buffer[0]['prompt_id']}.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in buffer))
-            buffer, written = [], written + 1
-            if cfg.stop_after_chunks and written >= cfg.stop_after_chunks:
-                bar.close()
-                print(f"stopping after {written} chunk(s) as asked (stop_after_chunks)", file=sys.stderr)
-                sys.exit(75)
+        if len(buffer) >= cfg.chunk_size:
+            flush()
+
+    engine.generate([ids for _, ids in todo], cfg.max_new_tokens, max_batch=cfg.batch_size, on_finish=finished,
+                    seed=[row_seed(cfg.seed, prompt_id(text)) for text, _ in todo])
+    if buffer:
+        flush()
     bar.close()
     return made
 

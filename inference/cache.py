@@ -12,6 +12,11 @@ the runtime does it only when at least ~20 % of S can go.
 
 Storage is preallocated and grows by doubling, so appending T slots writes T slots instead of
 re-concatenating the whole cache every step (what `DynamicLayer` does).
+
+Continuous batching: requests that join a running batch are prefilled in a cache of their own and
+`place`d into this one: into the rows of finished requests where possible (only the joiner's slots are
+written, right-aligned; the finished request's slots become holes), else as new rows. Rows and slots
+never need to line up: the mask and `position_ids` carry everything.
 """
 from __future__ import annotations
 
@@ -56,6 +61,21 @@ class _SlotLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
+    def grow(self, rows: int, pad: int) -> None:
+        """Extend to `rows` rows (the new ones all zeros) and prepend `pad` zero slots to every row,
+        keeping the spare capacity. Zeros, not garbage: a masked slot must still hold finite numbers
+        (eager attention adds the mask to q·k, and NaN + mask is NaN)."""
+        b, h, cap, d = self._k.shape
+        n = self.length
+        k = self._k.new_empty((rows, h, cap + pad, d))
+        v = self._v.new_empty((rows, h, cap + pad, d))
+        for new, old in ((k, self._k), (v, self._v)):
+            new[:b, :, :pad] = 0
+            new[:b, :, pad:pad + n] = old[:, :, :n]
+            new[b:, :, :pad + n] = 0
+        self._k, self._v, self.length = k, v, n + pad
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Swap in new (B, H, S, D) contents (after a row selection or a compaction)."""
         self._k, self._v = keys.contiguous(), values.contiguous()
@@ -95,6 +115,35 @@ class SlotCache(Cache):
             if layer.is_initialized and layer.length:
                 layer.replace(layer.keys[rows], layer.values[rows])
         self.valid = self.valid[rows]
+
+    def place(self, src: "SlotCache", dst: list[int]) -> None:
+        """Put the rows of `src` (a prefill of requests joining the batch) at rows `dst` of this cache:
+        an index below the row count R overwrites that row (a finished request's), the others must be
+        R, R+1, … and add rows. Each placed row holds src's slots right-aligned, its earlier slots
+        become holes; if src is wider, every row first gets holes on the left. Writes only the placed
+        rows' slots unless rows or slots must grow (then one copy of the cache)."""
+        r, n = self.valid.shape[0], src.num_slots
+        rows, pad = max(r, max(dst) + 1), max(n - self.num_slots, 0)
+        if sorted(d for d in dst if d >= r) != list(range(r, rows)) or len(set(dst)) != len(dst):
+            raise ValueError(f"place: rows {dst} neither overwrite existing rows nor add rows {r}, {r + 1}, …")
+        filled = [layer for layer in self.layers if layer.is_initialized and layer.length == self.num_slots]
+        if n and (not self.num_slots or len(filled) != len(src.layers)):
+            raise ValueError("place: this cache has no filled layers to place rows into (run a forward first)")
+        if rows > r or pad:
+            for layer in filled:
+                layer.grow(rows, pad)
+            valid = torch.zeros(rows, self.num_slots + pad, dtype=torch.bool, device=self.valid.device)
+            valid[:r, pad:] = self.valid
+            self.valid = valid
+        s = self.num_slots
+        idx = torch.tensor(dst, device=self.valid.device)
+        self.valid[idx] = False
+        if n:
+            self.valid[idx, s - n:] = src.valid.to(self.valid.device)
+            for mine, theirs in zip(filled, src.layers):
+                at = idx.to(mine._k.device)
+                mine._k[at, :, s - n:s] = theirs.keys
+                mine._v[at, :, s - n:s] = theirs.values
 
     @property
     def removable(self) -> int:

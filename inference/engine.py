@@ -5,17 +5,24 @@ R requests run in one batch. Each step, for every request, the target verifies i
 pass; rejected slots become holes in the shared cache (see `cache.py` for the layout and its cost
 model). Plain decoding is the same engine with no drafter (ℓ_r = 0), so every speedup compares like
 with like. Prefill covers each prompt but its last token, which becomes the first anchor.
+
+Continuous batching (`max_batch`, `arrivals`; batching.py): a request that is waiting joins the
+running batch between steps, as soon as it has arrived and a row is free; finished rows are reused.
+Everything a request's output depends on is its own (its cache row, its drafter state keyed by `rid`,
+its own generator when seeds are given per request), so the output does not depend on what it ran with.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from dspark.core.errors import DSparkError
 from dspark.models.target import layer_features
 
+from .batching import Admission, Timing
 from .cache import SlotCache
 from .drafters import Drafter, Proposal, RequestState
 from .policy import VerifyAll
@@ -40,7 +47,7 @@ class Stats:
     t_prefill: float = 0.0
     t_uncharged: float = 0.0        # proposal time of a drafter that is not charged (oracle)
     wall: float = 0.0
-    per_user_tps: list = field(default_factory=list)
+    per_user_tps: list = field(default_factory=list)   # per request: tokens / (finish − admission)
     blocks: list = field(default_factory=list)     # (confidences, verified, accepted) per request-step, if recorded
 
     def __post_init__(self):
@@ -83,6 +90,11 @@ class Result:
     outputs: list[list[int]]        # generated tokens per request, in input order
     states: list[RequestState]
     stats: Stats
+    timings: list[Timing] = field(default_factory=list)   # per request, in input order
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [s.finish_reason for s in self.states]
 
     def summary(self) -> dict:
         return self.stats.summary()
@@ -107,9 +119,18 @@ class Engine:
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], seed: int | list[int] = 0,
-                 eos_token_ids: list[int] | None = None) -> Result:
-        """`seed`: one int seeds one generator the batch shares; a list gives each request its own, so a
-        sampled row depends on its own seed only, whatever batch it runs in."""
+                 eos_token_ids: list[int] | None = None, max_batch: int | None = None,
+                 arrivals: list[float] | None = None, arrival_unit: str = "s",
+                 on_finish: Callable[[int, RequestState], None] | None = None) -> Result:
+        """Decode every prompt; results come back in input order.
+
+        `seed`: one int seeds one generator the batch shares; a list gives each request its own, so a
+        sampled row depends on its own seed only, whatever batch it runs in (and whenever it joins).
+        `max_batch`: at most this many requests run at once, a waiting one joining as soon as one
+        finishes (continuous batching); None runs them all at once. `arrivals`: per request, when it
+        may join — seconds after the start (`arrival_unit="s"`; the engine idles until then if nothing
+        runs) or a number of engine steps (`"step"`). `on_finish(i, state)` is called as request i
+        finishes. Per-user speed counts from a request's admission; `Result.timings` has the rest."""
         if not prompts:
             raise DSparkError("empty prompt set: give at least one prompt")
         if isinstance(seed, (list, tuple)) and len(seed) != len(prompts):
@@ -129,17 +150,29 @@ class Engine:
             self.gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
         else:                                 # one generator the whole batch shares
             self.gens = [torch.Generator(device="cpu").manual_seed(seed)] * len(prompts)
+        queue = Admission(len(prompts), max_batch, arrivals, arrival_unit)
         stats = Stats(gamma=max(self.gamma, 1), requests=len(prompts))
         states = [RequestState(rid=i, tokens=list(p), n_prompt=len(p), max_new_tokens=m)
                   for i, (p, m) in enumerate(zip(prompts, maxes))]
+        self.timings = [Timing(arrival=a) for a in queue.arrival]
+        self.on_finish, self.steps = on_finish, 0
         self.t0 = time.perf_counter()
-        cache = SlotCache()
-        active = self._prefill(states, cache, stats)
-        while active:
-            active = self._step(active, cache, stats)
+        cache, active = SlotCache(), []
+        while True:
+            cache, active = self._reschedule(states, active, cache, queue, stats)
+            if active:
+                self._step(active, cache, stats)
+                self.steps += 1
+            elif not queue:
+                break
+            elif queue.unit == "s":   # nothing runs and the next request has not arrived: idle until it does
+                time.sleep(max(queue.next_arrival() - self._now(stats), 0.0))
+            else:
+                self.steps = max(self.steps, queue.next_arrival())
         stats.wall = time.perf_counter() - self.t0
-        stats.per_user_tps = [len(s.generated) / max(s.finish_time, 1e-9) for s in states]
-        return Result(outputs=[s.generated for s in states], states=states, stats=stats)
+        stats.per_user_tps = [len(s.generated) / max(t.finished - t.admitted, 1e-9)
+                              for s, t in zip(states, self.timings)]
+        return Result(outputs=[s.generated for s in states], states=states, stats=stats, timings=self.timings)
 
     # ------------------------------------------------------------------ internals
     def _features(self, out) -> torch.Tensor | None:
@@ -148,7 +181,12 @@ class Engine:
             return None
         return layer_features(out.hidden_states, layers)
 
-    def _prefill(self, states, cache: SlotCache, stats: Stats) -> list[RequestState]:
+    def _now(self, stats: Stats) -> float:
+        """Charged seconds since the start of `generate`."""
+        return time.perf_counter() - self.t0 - stats.t_uncharged
+
+    def _prefill(self, states, cache: SlotCache, stats: Stats) -> None:
+        """Prefill `states` into the empty `cache` (one forward, left padded) and start the drafter."""
         t = time.perf_counter()
         lens = [len(s.tokens) - 1 for s in states]
         width = max(lens)
@@ -173,7 +211,6 @@ class Engine:
         stats.t_prefill += time.perf_counter() - t
         if self.drafter is not None:
             self.drafter.start(states, feats)
-        return list(states)
 
     def _wants_hidden(self) -> bool:
         return self.drafter is not None and bool(self.drafter.feature_layers)
@@ -195,7 +232,7 @@ class Engine:
             stats.t_uncharged += dt
         return props
 
-    def _step(self, active: list[RequestState], cache: SlotCache, stats: Stats) -> list[RequestState]:
+    def _step(self, active: list[RequestState], cache: SlotCache, stats: Stats) -> None:
         props = self._propose(active, stats)
         t = time.perf_counter()
         r = len(active)
@@ -221,7 +258,7 @@ class Engine:
         keep_slots = offs[None, :] <= n_acc[:, None]
         cache.set_valid_tail(keep_slots.to(self.device))
         feats = self._features(out)
-        now = time.perf_counter() - self.t0 - stats.t_uncharged   # charged time only
+        now = self._now(stats)
         accepted = n_acc.tolist()
         for i, s in enumerate(active):
             k, ln = accepted[i], len(props[i].tokens)
@@ -235,12 +272,13 @@ class Engine:
             new = props[i].tokens[:k] + [extra[i]]
             self._record(s, logits[i], new)
             stats.request_steps += 1
+            if len(s.tokens) == s.n_prompt:
+                self.timings[s.rid].first_token = now
             self._append(s, new, now)
         stats.tokens += sum(len(s.generated) for s in active if s.done)
         if self.drafter is not None:
             self.drafter.update(active, accepted, None if feats is None else
                                 [feats[i, :k + 1] for i, k in enumerate(accepted)])
-        return self._retire(active, cache)
 
     def _verify(self, logits, ids, lengths, props, active):
         if self.temperature == 0:
@@ -279,15 +317,46 @@ class Engine:
             del s.margins[len(s.generated):]
         if s.finish_reason or s.remaining <= 0:
             s.done, s.finish_reason, s.finish_time = True, s.finish_reason or "length", now
+            self.timings[s.rid].finished = now
 
-    def _retire(self, active: list[RequestState], cache: SlotCache) -> list[RequestState]:
-        keep = [i for i, s in enumerate(active) if not s.done]
-        if len(keep) < len(active):
-            for s in active:
-                if s.done and self.drafter is not None:
-                    self.drafter.finish(s)
+    def _reschedule(self, states, active: list[RequestState], cache: SlotCache, queue: Admission,
+                    stats: Stats) -> tuple[SlotCache, list[RequestState]]:
+        """Between steps: finished requests leave, waiting ones that have arrived join (into the rows
+        the finished left, then as new rows), rows nobody takes are dropped, and the cache is
+        compacted when enough of it can go. Returns the cache and its rows' requests."""
+        done = [i for i, s in enumerate(active) if s.done]
+        for i in done:
+            if self.drafter is not None:
+                self.drafter.finish(active[i])
+            if self.on_finish is not None:
+                self.on_finish(active[i].rid, active[i])
+        joining = [states[i] for i in queue.take(len(active) - len(done), self._now(stats), self.steps)]
+        for s in joining:
+            self.timings[s.rid].admitted, self.timings[s.rid].admitted_step = self._now(stats), self.steps
+        if joining and len(done) == len(active):   # nothing runs on: the joiners are the batch
+            cache, active = SlotCache(), joining
+            self._prefill(joining, cache, stats)
+            return cache, active
+        if joining:
+            fresh = SlotCache()
+            self._prefill(joining, fresh, stats)
+            t = time.perf_counter()
+            dst = done[:len(joining)] + list(range(len(active), len(active) + len(joining) - len(done)))
+            cache.place(fresh, dst)
+            active = list(active)
+            for i, s in zip(dst, joining):
+                if i < len(active):
+                    active[i] = s
+                else:
+                    active.append(s)
+            done = done[len(joining):]
+            stats.t_prefill += time.perf_counter() - t
+        if done:
+            gone = set(done)
+            keep = [i for i in range(len(active)) if i not in gone]
             if keep:
                 cache.select_rows(torch.tensor(keep, device=self.device))
-        if keep and cache.removable > max(16, self.compact_fraction * cache.num_slots):
+            active = [active[i] for i in keep]
+        if active and cache.removable > max(16, self.compact_fraction * cache.num_slots):
             cache.compact()
-        return [active[i] for i in keep]
+        return cache, active

@@ -262,7 +262,7 @@ def test_non_utf8_jsonl_is_one_error(tmp_path):
 
 
 def test_second_run_on_a_locked_folder_is_refused(tmp_path):
-    from dspark.data.generate import output_lock
+    from dspark.core.files import folder_lock
 
     f = jsonl(tmp_path, PROMPTS[:3])
     out = tmp_path / "o"
@@ -270,7 +270,7 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         run(cfg_for(out, *args, "batch_size=1", "chunk_size=1", "stop_after_chunks=1"))
     before = snapshot(out)
-    with output_lock(out):   # as another job would hold it
+    with folder_lock(out, "generate-rank0", "dspark generate"):   # as another job would hold it
         with pytest.raises(DSparkError, match=rf"another dspark generate is writing to .*o \(pid {os.getpid()}\)"):
             run(cfg_for(out, *args))
     assert snapshot(out) == before   # released: its lock file is gone too
