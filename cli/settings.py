@@ -100,6 +100,18 @@ class Each(Rule):
         return f"a list{least} of {self.rule.describe()}" + (" (or null)" if self.null else "")
 
 
+@dataclass(frozen=True)
+class Either(Rule):
+    """A value that follows one of `rules`."""
+    rules: tuple
+
+    def ok(self, v) -> bool:
+        return any(r.ok(v) for r in self.rules)
+
+    def describe(self) -> str:
+        return " or ".join(r.describe() for r in self.rules)
+
+
 class Policy(Rule):
     """A verification policy name, as inference/policy.py's `parse_policy` reads it."""
 
@@ -150,7 +162,8 @@ RULES: dict[str, dict] = {
         "draft.intermediate_size": Int(1, null=True), "draft.gamma": Int(1, 64),
         "draft.sequential_head": Choice(("markov", "rnn", "none")), "draft.head_rank": Int(1),
         "draft.draft_vocab_size": Int(0), "draft.target_layer_ids": Each(Int(0), 1, null=True),
-        "draft.init_from_target": Bool(), "logger.name": Choice(("none", "wandb")),
+        "draft.init_from_target": Bool(), "draft.qk_norm": Bool(),
+        "draft.mask_token_id": Either((Choice(("auto",)), Int(0, null=True))), "logger.name": Choice(("none", "wandb")),
     },
     "calibrate": {
         **COMMON,

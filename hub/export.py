@@ -2,8 +2,11 @@
 
 The folder (default `<output_dir>/export`) holds `config.json` (the drafter config plus the target's
 id and revision), `model.safetensors` (bf16 unless `dtype=`), `README.md` (a model card written from
-the run's bench/train/calibrate/generate json) and `vllm/` (the same head in the vLLM speculators
-layout, untested). Nothing else: optimizer, scheduler, RNG and checkpoints stay in the run folder.
+the run's bench/train/calibrate/generate json) and, with `vllm=true`, `vllm/`: the same head in the
+`speculators` format vLLM loads (EAGLE-3 heads also `sglang/`; hub/layouts.py). A head that format
+cannot express exactly is refused with one error before the target is loaded; the target is loaded
+because the serving folders carry its LM-head rows (and, for EAGLE-3, its embedding). Nothing else:
+optimizer, scheduler, RNG and checkpoints stay in the run folder.
 The folder is built under a temporary name and renamed into place, so a failed or interrupted export
 never leaves a half-written one and a re-export replaces the old one whole.
 
@@ -20,15 +23,14 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from dspark.core.errors import DSparkError
-from dspark.core.files import write_json_atomic
+from dspark.core.files import folder_lock, write_json_atomic
 from dspark.core.methods import head_row
-from dspark.models.target import parse_dtype
+from dspark.models.target import load_target, parse_dtype
 
 from . import model_card
 from .io import EXPORT_MARKER, load_head, push_folder, resolve_head, upload_plan, validate_repo_id
@@ -47,6 +49,11 @@ def run(cfg) -> dict:
     folder = resolve_head(cfg.head)
     head = load_head(folder)
     target = target_identity(cfg, head)
+    layout = LAYOUTS.get(head.architecture) if cfg.vllm else None
+    notes = [f"note: no serving layout for a {type(head).__name__} head"] if cfg.vllm and not layout else []
+    if layout:
+        layout.check(head)              # one clear refusal before the target is loaded
+        attach_target(head, target, load_target(cfg.target))
     results = {"bench": [b for b in (_read_json(p) for p in cfg.bench_files) if b],
                "train": _read_json(cfg.train_json), "calibrate": _read_json(cfg.calibrate_json),
                "generate": _read_json(cfg.generate_json)}
@@ -59,12 +66,23 @@ def run(cfg) -> dict:
             and all(t is not None for t in temps):
         c.confidence_temperatures = [float(t) for t in temps]
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _recover(dest)
+    with folder_lock(dest.parent, f"export-{dest.name}", "dspark export"):   # one export per folder
+        _recover(dest)
+        summary = _build(cfg, dest, head, target, results, dtype, repo_id, layout, notes)
+    if push and not cfg.dry_run:
+        summary["pushed"] = push_folder(dest, repo_id, private=bool(cfg.private), commit_message=cfg.commit_message)
+        print(f"pushed to {summary['pushed']}")
+    write_json_atomic(out / "export.json", summary)
+    return summary
+
+
+def _build(cfg, dest: Path, head, target: dict, results: dict, dtype, repo_id, layout, notes) -> dict:
+    """Write the folder under a temporary name, print the report, then rename it into place."""
+    c = head.config
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
         (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "dspark export", "head": str(cfg.head)}) + "\n")
-        notes = write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or _shown(dest), vllm=cfg.vllm)
+        write_folder(tmp, head, target, results, dtype, usage_ref=repo_id or _shown(dest), layout=layout)
         plan = upload_plan(tmp)
         summary = {"head": str(cfg.head), "export_dir": str(dest), "dtype": str(cfg.dtype), "target": target["name"],
                    "target_id": target["id"], "target_revision": target["revision"], "files": plan,
@@ -89,40 +107,41 @@ def run(cfg) -> dict:
         _swap_into_place(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if push and not cfg.dry_run:
-        summary["pushed"] = push_folder(dest, repo_id, private=bool(cfg.private), commit_message=cfg.commit_message)
-        print(f"pushed to {summary['pushed']}")
-    write_json_atomic(out / "export.json", summary)
     return summary
 
 
 def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.dtype,
-                 usage_ref: str, vllm: bool = True) -> list[str]:
-    """config.json + model.safetensors + README.md (+ vllm/) of `head` into an empty `folder`;
-    returns notes to print."""
+                 usage_ref: str, layout=None) -> None:
+    """config.json + model.safetensors + README.md (+ the serving folders of `layout`, hub/layouts.py,
+    written from the attached head) of `head` into an empty `folder`."""
     head.save_pretrained(folder, dtype=dtype)
     check_round_trip(head, folder, dtype)
     head_cfg = json.loads((folder / "config.json").read_text())
     dtype_name = str(dtype).replace("torch.", "")
     card_name = usage_ref.rstrip("/").split("/")[-1] if "/" in usage_ref and not Path(usage_ref).exists() \
         else f"{target['name']}-{head.config.kind}-head"
-    layout = LAYOUTS.get(head.architecture) if vllm else None
     (folder / "README.md").write_text(model_card.render(head_cfg, target, results, usage_ref, dtype_name, card_name,
                                                         vllm=layout is not None))
-    if vllm and layout is None:
-        return [f"note: no vllm/ layout for a {type(head).__name__} head here (EAGLE-3: hub/layouts.py "
-                "save_eagle3_layout, which needs the target's LM head)"]
-    if layout:
-        config = layout(head, folder / "vllm", target, dtype)
-        rows = [f"- {b.get('prompt_set')}: τ {m['tau']:.2f}, {m['speedup_vs_plain']:.2f}× plain ({b.get('machine')})"
-                for b in results.get("bench") or [] for m in [head_row(b, head.config.kind)]
-                if m and m.get("tau") is not None]
-        t = results.get("train") or {}
-        if t.get("val_tau") is not None:
-            rows.append(f"- held-out validation during training: expected τ {t['val_tau']:.3f}"
-                        + (f", greedy τ {t['val_tau_greedy']:.3f}" if t.get("val_tau_greedy") is not None else ""))
-        (folder / "vllm" / "README.md").write_text(model_card.render_vllm(config, rows))
-    return []
+    if layout is None:
+        return
+    config = layout.write(head, folder, target, dtype)
+    rows = [f"- {b.get('prompt_set')}: τ {m['tau']:.2f}, {m['speedup_vs_plain']:.2f}× plain ({b.get('machine')})"
+            for b in results.get("bench") or [] for m in [head_row(b, head.config.kind)]
+            if m and m.get("tau") is not None]
+    t = results.get("train") or {}
+    if t.get("val_tau") is not None:
+        rows.append(f"- held-out validation during training: expected τ {t['val_tau']:.3f}"
+                    + (f", greedy τ {t['val_tau_greedy']:.3f}" if t.get("val_tau_greedy") is not None else ""))
+    (folder / "vllm" / "README.md").write_text(model_card.render_vllm(config, rows))
+
+
+def attach_target(head, target: dict, loaded) -> None:
+    """Attach the loaded target to `head` (the serving layouts carry its LM-head rows) and complete
+    the identity the layouts write: the architectures and context length of the verifier."""
+    head.attach(loaded)
+    cfg = loaded.model.config
+    target["architectures"] = target["architectures"] or list(cfg.architectures or [type(loaded.model).__name__])
+    target["max_position_embeddings"] = loaded.max_context
 
 
 def check_round_trip(head, folder: Path, dtype: torch.dtype) -> None:
@@ -199,13 +218,11 @@ def _owned(folder: Path) -> bool:
     return not folder.is_symlink() and isinstance(marker, dict) and marker.get("written_by") == "dspark export"
 
 
-STALE_S = 3600   # a temporary of ours this old is left over from a killed export, not a running one
-
-
 def _recover(dest: Path) -> None:
     """Undo what a killed export left next to `dest`: when `dest` is missing, restore the newest
-    `.<name>-old-*/<name>` of ours (killed between the two renames); then remove our temporaries an
-    hour old: `.<name>-*` folders (mkdtemp's names) that are empty, marked, or hold one marked `<name>`."""
+    `.<name>-old-*/<name>` of ours (killed between the two renames); then remove our temporaries:
+    `.<name>-*` folders (mkdtemp's names) that are empty, marked, or hold one marked `<name>`. Runs
+    under the export lock, so no other export is writing them."""
     ours = re.compile(rf"\.{re.escape(dest.name)}-(old-)?[a-z0-9_]{{8}}")
     temps = [p for p in dest.parent.iterdir() if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     hidden = [p / dest.name for p in temps if list(p.iterdir()) == [p / dest.name] and _owned(p / dest.name)]
@@ -216,8 +233,7 @@ def _recover(dest: Path) -> None:
         temps.remove(src.parent)
     for p in temps:
         inside = list(p.iterdir())
-        if (not inside or _owned(p) or inside == [p / dest.name] and _owned(p / dest.name)) \
-                and time.time() - p.stat().st_mtime > STALE_S:
+        if not inside or _owned(p) or inside == [p / dest.name] and _owned(p / dest.name):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from dspark.core.errors import DSparkError
 
 # Files that make up a head; a download fetches nothing else (no training state exists in an export).
-HEAD_FILES = ["config.json", "model.safetensors", "README.md", "vllm/*"]
+HEAD_FILES = ["config.json", "model.safetensors", "README.md", "vllm/*", "sglang/*"]
 # The file `dspark export` marks its own folders with (hub/export.py); it never goes to the Hub.
 EXPORT_MARKER = ".dspark-export"
 

@@ -22,7 +22,7 @@ def render(head_cfg: dict, target: dict, results: dict, usage_ref: str, dtype: s
            vllm: bool = True) -> str:
     """head_cfg: the exported config.json; target: {id, revision, name, source, cli}; results:
     {bench: [json…], train, calibrate, generate} (None / [] where absent); usage_ref: what to pass
-    as head= (repo id or folder); name: the model-index name; vllm: a vllm/ folder is written."""
+    as head= (repo id or folder); name: the model-index name; vllm: the serving folders are written."""
     kind = ("EAGLE-3" if head_cfg.get("model_type") == "eagle3" else
             "DFlash" if head_cfg.get("sequential_head") == "none" else "DSpark")
     title = target.get("id") or target.get("name")
@@ -35,7 +35,7 @@ def render(head_cfg: dict, target: dict, results: dict, usage_ref: str, dtype: s
         parts.append(_calibration(results["calibrate"]))
     if results.get("train") or results.get("generate"):
         parts.append(_training(results.get("train"), results.get("generate")))
-    parts += [_head(head_cfg, dtype), _usage(target, usage_ref), _files(vllm), _limitations(target, results)]
+    parts += [_head(head_cfg, dtype), _usage(target, usage_ref), _files(vllm, kind), _limitations(target, results)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -197,13 +197,14 @@ def _usage(target: dict, ref: str) -> str:
             "```\n")
 
 
-def _files(vllm: bool) -> str:
+def _files(vllm: bool, kind: str) -> str:
+    serving = ("- `vllm/`: the same head in the `speculators` format that vLLM loads (see its README).\n"
+               + ("- `sglang/`: the same head in the EAGLE-3 layout SGLang loads.\n" if kind == "EAGLE-3" else ""))
     return ("## Files\n\n"
             "- `config.json`: the drafter configuration (target id and revision, target layer ids, γ, "
             "sizes, calibration temperatures).\n"
             "- `model.safetensors`: the head's weights (no optimizer or training state).\n"
-            + ("- `vllm/`: the same head in the vLLM speculators config layout (untested, see its README).\n"
-               if vllm else ""))
+            + (serving if vllm else ""))
 
 
 def _limitations(target: dict, results: dict) -> str:
@@ -216,20 +217,28 @@ def _limitations(target: dict, results: dict) -> str:
 
 
 def render_vllm(config: dict, bench_rows: list[str]) -> str:
-    """README of the vllm/ subfolder: what it is, how one would try it, and that it is untested."""
+    """README of the vllm/ subfolder: what it is, how to serve it, and what was and was not tested."""
     v = config["speculators_config"]["verifier"]
-    return ("# vLLM speculators layout (untested)\n\n"
-            f"The parent folder's head rewritten in the speculators `{config['speculators_model_type']}` layout: "
-            f"`config.json` (speculators_model_type, transformer_layer_config, speculators_config with verifier "
-            f"`{v['name_or_path']}`, block_size {config['block_size']}, draft_vocab_size "
-            f"{config['draft_vocab_size']}) and `model.safetensors` with weights renamed (fc, hidden_norm, "
-            "layers.N.*, norm, the sequential and confidence heads, d2t offsets and t2d mask).\n\n"
-            "**Not tested**: built without a GPU or vLLM. vLLM has no DSpark proposer; its DFlash proposer would at "
-            "best use the backbone and ignore the sequential and confidence heads. The field mapping is documented "
-            "in dspark's `hub/layouts.py`.\n\n"
+    kind = config["speculators_model_type"]
+    n = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
+    sglang = (f"python -m sglang.launch_server --model-path {v['name_or_path']} --speculative-algorithm DSPARK "
+              f"--speculative-draft-model-path <this folder> --speculative-num-draft-tokens {n + 1}"
+              if kind == "dspark" and config.get("markov_rank") else
+              f"python -m sglang.launch_server --model-path {v['name_or_path']} --speculative-algorithm EAGLE3 "
+              f"--speculative-draft-model-path <export folder>/sglang --speculative-num-steps {n} "
+              f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {n + 1}" if kind == "eagle3" else None)
+    return (f"# speculators `{kind}` layout\n\n"
+            f"The parent folder's head in the `speculators` {config['speculators_version']} format: `config.json` "
+            f"(verifier `{v['name_or_path']}`, {n} speculative tokens, draft vocabulary "
+            f"{config['draft_vocab_size']}) and `model.safetensors`.\n\n"
+            f"**Tested for this layout** (dspark's tests/test_speculators.py, on CPU in fp32, with small heads): "
+            f"speculators {config['speculators_version']} loads it with every weight matched by name and shape and "
+            "gives the same draft logits and greedy drafts as dspark's own drafter. **Not tested**: vLLM and SGLang "
+            "themselves (no GPU where dspark is developed); the commands below follow their documented options.\n\n"
             "```bash\n"
             f"vllm serve {v['name_or_path']} --speculative-config "
-            f"'{{\"model\": \"<this folder>\", \"num_speculative_tokens\": {config['block_size']}}}'\n"
-            "```\n"
+            f"'{{\"model\": \"<this folder>\", \"num_speculative_tokens\": {n}}}'\n"
+            + (f"{sglang}\n" if sglang else "")
+            + "```\n"
             + ("\nMeasured with dspark's own runtime (not vLLM):\n\n" + "\n".join(bench_rows) + "\n"
                if bench_rows else ""))

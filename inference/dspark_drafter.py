@@ -37,7 +37,7 @@ class DSparkDrafter(HeadDrafter):
         for i, s in enumerate(states):
             self.kv.pop(s.rid, None)
             feats = features[i] if features is not None else torch.zeros(0, self.head.context_proj.in_features)
-            self._extend(s.rid, feats.to(self.head.mask_embedding.device))
+            self._extend(s.rid, feats.to(self.head.context_proj.weight.device))
 
     def update(self, states, accepted, features):
         for i, s in enumerate(states):
@@ -48,7 +48,7 @@ class DSparkDrafter(HeadDrafter):
 
     def propose_rows(self, states, limits, rows, out):
         head, g = self.head, self.head.config.gamma
-        dev = head.mask_embedding.device
+        dev = head.context_proj.weight.device
         lens = [self._length(states[i].rid) for i in rows]
         width = max(lens)
         kv = []

@@ -1,11 +1,13 @@
 """The trained EAGLE-3 head as a runtime drafter.
 
 Per request it keeps the draft layer's keys/values of every *committed* entry (token x_j with the
-target's feature f_{j−1}, both final) and the target features not yet turned into entries. A proposal
-runs, batched over requests, one pass over each request's pending entries up to its anchor (they are
+target's feature f_{j−1}, both final, at position j ≥ 1; there is no entry for x_0, as in speculators
+and vLLM, see models/eagle3.py) and the target features not yet turned into entries. A proposal runs,
+batched over requests, one pass over each request's pending entries up to its anchor (they are
 committed; the last one's output drafts the first token), then one single-position step per further
 drafted token on the draft's own features; those speculative entries are dropped afterwards, since
 verification decides which tokens become real. So a proposal of γ tokens costs γ passes of one layer.
+A request with no entry yet (a one-token prompt, before its first step) proposes nothing.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ class Eagle3Drafter(HeadDrafter):
     def __init__(self, head: Eagle3Draft, target, temperature: float = 0.0, seed: int = 0):
         super().__init__(head, target, temperature, seed)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # rid → committed keys/values (1, c, kv, hd)
-        self.pending: dict[int, torch.Tensor] = {}                   # rid → features f_{c−1} … (m, k·H)
+        self.pending: dict[int, torch.Tensor] = {}                   # rid → features f_c … (m, k·H)
 
     def _committed(self, rid: int) -> int:
+        """c: the committed entries are those of x_1 … x_c (positions 1 … c)."""
         return self.kv[rid][0].shape[1] if rid in self.kv else 0
 
     def start(self, states, features):
@@ -31,8 +34,7 @@ class Eagle3Drafter(HeadDrafter):
         for i, s in enumerate(states):
             self.kv.pop(s.rid, None)
             feats = features[i] if features is not None else torch.zeros(0, width)
-            feats = feats.to(self.head.device)
-            self.pending[s.rid] = torch.cat([feats.new_zeros(1, width), feats])   # entry 0 has no feature
+            self.pending[s.rid] = feats.to(self.head.device)             # f_0 … for the entries of x_1 …
 
     def update(self, states, accepted, features):
         for i, s in enumerate(states):
@@ -55,6 +57,9 @@ class Eagle3Drafter(HeadDrafter):
 
     def propose_rows(self, states, limits, rows, out):
         head, dev = self.head, self.head.device
+        rows = [i for i in rows if len(self.pending[states[i].rid])]   # the others have no entry to draft from
+        if not rows:
+            return
         r = len(rows)
         # committed entries, right-padded to a common width
         lens = [self._committed(states[i].rid) for i in rows]
@@ -66,15 +71,15 @@ class Eagle3Drafter(HeadDrafter):
             if n:
                 past_k[j, :n], past_v[j, :n] = self.kv[states[i].rid][0][0], self.kv[states[i].rid][1][0]
         past_ok = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-        # pass 1: the pending entries (committed from now on); entry n (the anchor) drafts token 1
+        # pass 1: the pending entries x_{c+1} … (committed from now on); the last (the anchor) drafts token 1
         feats = [self.pending[states[i].rid] for i in rows]
         counts = [len(f) for f in feats]
         p = max(counts)
         ids = torch.zeros(r, p, dtype=torch.long, device=dev)
         for j, (i, n, m) in enumerate(zip(rows, lens, counts)):
-            ids[j, :m] = torch.tensor(states[i].tokens[n:n + m], device=dev)
+            ids[j, :m] = torch.tensor(states[i].tokens[n + 1:n + 1 + m], device=dev)
         hid = head.project(torch.stack([F.pad(f, (0, 0, 0, p - len(f))) for f in feats]))
-        pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(p, device=dev)
+        pos = torch.tensor(lens, device=dev)[:, None] + 1 + torch.arange(p, device=dev)
         new_ok = torch.arange(p, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
         causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
         mask = torch.cat([past_ok[:, None, :].expand(-1, p, -1), causal[None] & new_ok[:, None, :]], -1)

@@ -49,6 +49,8 @@ class DSparkConfig(HeadConfigBase):
     head_rank: int = 64                   # Markov rank r / RNN state width
     draft_vocab_size: int = 0             # 0 = the target's whole vocabulary
     confidence_temperatures: list = field(default_factory=list)   # STS, one per block position (dspark calibrate)
+    qk_norm: bool = False                 # per-head RMSNorm of queries and keys before RoPE (speculators/vLLM)
+    mask_token_id: int = -1               # mask positions embed this target token (frozen); −1: a learned vector
     model_type: str = "dspark"
 
     def __post_init__(self):
@@ -60,6 +62,9 @@ class DSparkConfig(HeadConfigBase):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
         self.draft_vocab_size = int(self.draft_vocab_size or self.target_vocab_size)
         self.confidence_temperatures = [float(t) for t in self.confidence_temperatures]
+        if not -1 <= self.mask_token_id < self.target_vocab_size:
+            raise DSparkError(f"mask_token_id {self.mask_token_id} is outside the target's vocabulary "
+                              f"(0..{self.target_vocab_size - 1}, or -1 for a learned mask vector)")
         if any(not t > 0 for t in self.confidence_temperatures):
             raise DSparkError(f"confidence_temperatures must be > 0 (got {self.confidence_temperatures}): "
                               "re-run `dspark calibrate`")
@@ -102,18 +107,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv * hd, bias=False)
         self.v_proj = nn.Linear(d, kv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
+        if c.qk_norm:   # per head, before RoPE (as speculators' / vLLM's DSpark layers)
+            self.q_norm, self.k_norm = RMSNorm(hd, c.rms_norm_eps), RMSNorm(hd, c.rms_norm_eps)
 
     def kv_of(self, x, pos):
         """Keys (rotated) and values of states x (B, N, D) at positions pos (B, N) → 2 × (B, N, kv, hd)."""
         b, n, _ = x.shape
-        k = rope(self.k_proj(x).view(b, n, self.kv, self.hd), pos, self.theta)
+        k = self.k_proj(x).view(b, n, self.kv, self.hd)
+        k = rope(self.k_norm(k) if hasattr(self, "k_norm") else k, pos, self.theta)
         return k, self.v_proj(x).view(b, n, self.kv, self.hd)
 
     def forward(self, x, pos, ctx_kv, mask):
         """x: (B, Q, D) block states; ctx_kv: keys/values (B, C, kv, hd) of the context;
         mask: (B, Q, C + Q) bool, True = may attend."""
         b, q, _ = x.shape
-        qs = rope(self.q_proj(x).view(b, q, self.h, self.hd), pos, self.theta)
+        qs = self.q_proj(x).view(b, q, self.h, self.hd)
+        qs = rope(self.q_norm(qs) if hasattr(self, "q_norm") else qs, pos, self.theta)
         kb, vb = self.kv_of(x, pos)
         k = torch.cat([ctx_kv[0], kb], 1).transpose(1, 2)              # (B, kv, C+Q, hd)
         v = torch.cat([ctx_kv[1], vb], 1).transpose(1, 2)
@@ -177,8 +186,9 @@ class RNNHead(nn.Module):
 
 
 class DSparkDraft(DraftHeadBase, nn.Module):
-    """The draft head. Trainable: context projection, backbone, mask embedding, sequential head,
-    confidence head. Shared and frozen (attached, not saved): the target's embedding and LM head."""
+    """The draft head. Trainable: context projection, backbone, sequential head, confidence head (and
+    a learned mask vector when mask_token_id = −1). Shared and frozen (attached, not saved): the
+    target's embedding (which also gives the mask input) and LM head."""
 
     config_class = DSparkConfig
     architecture = "dspark"
@@ -186,10 +196,13 @@ class DSparkDraft(DraftHeadBase, nn.Module):
     @classmethod
     def from_draft_cfg(cls, d, target, d2t) -> "DSparkDraft":
         """A fresh head from a `conf/draft` size; unset widths follow the target."""
+        mask = d.get("mask_token_id", "auto")
         config = DSparkConfig(**target_fields(d, target), num_layers=d.num_layers, gamma=d.gamma,
                               target_layer_ids=list(d.target_layer_ids or default_layer_ids(target.num_layers)),
                               sequential_head=d.sequential_head, head_rank=d.head_rank,
-                              draft_vocab_size=0 if d2t is None else len(d2t))
+                              draft_vocab_size=0 if d2t is None else len(d2t), qk_norm=bool(d.get("qk_norm")),
+                              mask_token_id=target.spare_token_id() if mask == "auto" else
+                              -1 if mask is None else int(mask))
         head = cls(config, d2t).attach(target)
         if d.get("init_from_target"):
             head.init_from_target(target)
@@ -201,7 +214,8 @@ class DSparkDraft(DraftHeadBase, nn.Module):
         d, k = c.target_hidden_size, len(c.target_layer_ids)
         self.context_proj = nn.Linear(k * d, d, bias=False)
         self.context_norm = RMSNorm(d, c.rms_norm_eps)
-        self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        if c.mask_token_id < 0:   # heads trained before the serving-compatible mask: a learned vector
+            self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(d, c.rms_norm_eps)
         r = c.head_rank
@@ -230,8 +244,10 @@ class DSparkDraft(DraftHeadBase, nn.Module):
 
     def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
         """anchors (…,) target ids → (…, γ, D): anchor embedding then γ−1 mask embeddings."""
-        emb = F.embedding(anchors, self.embed_weight).to(self.mask_embedding.dtype)
-        masks = self.mask_embedding.expand(*anchors.shape, self.config.gamma - 1, -1)
+        dtype, m = self.context_proj.weight.dtype, self.config.mask_token_id
+        emb = F.embedding(anchors, self.embed_weight).to(dtype)
+        mask = self.mask_embedding if m < 0 else self.embed_weight[m].to(dtype)
+        masks = mask.expand(*anchors.shape, self.config.gamma - 1, -1)
         return torch.cat([emb[..., None, :], masks], -2)
 
     def backbone(self, x, pos, ctx_kv, mask) -> torch.Tensor:

@@ -3,21 +3,29 @@
 Paper: "EAGLE-3: Scaling up Inference Acceleration of Large Language Models via Training-Time Test"
 (Li, Wei, Zhang, Zhang; arXiv 2503.01840). The baseline the DSpark paper compares against.
 
-Position convention. The draft entry at position j pairs the token x_j with the feature that
-predicted it: fc(concat of the target's hidden states at `target_layer_ids`, position j−1) (zeros at
-j = 0). Inside the layer both halves are normalised and concatenated, [input_layernorm(emb) ;
-hidden_norm(feature)] (width 2·D), before q/k/v; the residual stream is the feature. The layer's
-pre-norm output at j predicts x_{j+1} through norm → the target's LM head, and is itself the feature
-of the next draft step: drafting γ tokens after the anchor x_n costs γ single-position steps, the
-first over the true features, the others over the draft's own (what training-time test trains for).
-RoPE is relative, so numbering entries by their token (ours) or by their feature (vLLM) is the same.
+Position convention (that of EAGLE-3's reference code, `speculators` and vLLM). The draft entry at
+position j ≥ 1 pairs the token x_j with the feature that predicted it: fc(concat of the target's
+hidden states at `target_layer_ids`, position j−1); in their numbering it is entry j−1, (x_j, g_{j−1},
+position j). There is no entry for x_0 (it would have no feature), so x_1 is never drafted and x_0 only
+reaches the head through the target's features. Inside the layer both halves are normalised and
+concatenated, [input_layernorm(emb) ; hidden_norm(feature)] (width 2·D), before q/k/v; the residual
+stream is the feature. The layer's pre-norm output at j predicts x_{j+1} through norm → the target's
+LM head, and is itself the feature of the next draft step: drafting γ tokens after the anchor x_n
+(n ≥ 1) costs γ single-position steps, the first over the true features, the others over the draft's
+own (what training-time test trains for). For the same weights our logits equal speculators' (tested
+to ~1e-5 in fp32).
+
+Heads trained before this convention had an extra context entry (x_0, zero feature) at position 0. They
+load and run unchanged (same weights and shapes), but every draft now omits that entry, so their
+drafts differ slightly from what they were trained on, which may lower their acceptance a little
+(retrain to remove the mismatch). Losslessness does not depend on it.
 
 The target's embedding and LM head are shared and frozen: attached at run time (`attach`) and never
 saved. An optional reduced draft vocabulary (`d2t`, draft id → target id, saved with the head) cuts
 the LM-head cost; a target token outside it can never be drafted.
 
-hub/layouts.py `save_eagle3_layout` writes the head in the layout vLLM / SGLang load for EAGLE-3 drafts
-(field-by-field mapping in its docstring and docs/eagle3.md).
+hub/layouts.py writes the head in the speculators layout vLLM loads and in SGLang's EAGLE-3 layout
+(field mapping in docs/serving.md).
 """
 from __future__ import annotations
 
@@ -182,15 +190,18 @@ class Eagle3Draft(DraftHeadBase, nn.Module):
         The true entries' keys/values are computed once for the whole sequence (the layer's output is
         needed only at the anchors). Step s (0-based) runs the anchors' queries only: the entry of
         x_{n+s}, whose feature is the true f_{n−1} at s = 0 and the anchor's previous output after, sees
-        the true entries < n and that anchor's own entries of steps 0…s, as at run time."""
+        the true entries 1 … n−1 and that anchor's own entries of steps 0…s, as at run time. Position 0
+        holds no entry (see the module docstring): no query sees it, and an anchor n = 0 drafts from
+        nothing, so its logits are meaningless (the objective drops such blocks)."""
         b, n_ctx = input_ids.shape
         a, g = anchors.shape[1], block_ids.shape[-1]
         dev = anchors.device
         ctx_pos = torch.arange(n_ctx, device=dev).expand(b, -1)
-        hid = self.project(F.pad(feats, (0, 0, 1, 0))[:, :-1])                       # entry j: f_{j−1}
+        hid = self.project(F.pad(feats, (0, 0, 1, 0))[:, :-1])                       # entry j: f_{j−1} (j ≥ 1)
         k, v = self.midlayer.self_attn.kv_of(self.midlayer.inputs(self.embed(input_ids), hid), ctx_pos)
         h = hid.gather(1, anchors[..., None].expand(-1, -1, hid.shape[-1]))         # (B, A, D) f_{n−1}
-        sees_ctx = (ctx_pos[:, None, :] < anchors[:, :, None]) & ctx_valid[:, None, :]    # (B, A, L)
+        entry = ctx_valid & (ctx_pos > 0)                                            # no entry at position 0
+        sees_ctx = (ctx_pos[:, None, :] < anchors[:, :, None]) & entry[:, None, :]   # (B, A, L)
         own = torch.eye(a, dtype=torch.bool, device=dev)
         out = []
         for s in range(g):

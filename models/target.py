@@ -104,6 +104,17 @@ class Target:
         """Hugging Face `generate` on the target (the outside baseline and the oracle's greedy streams)."""
         return self.model.generate(ids, **kwargs)
 
+    def spare_token_id(self) -> int:
+        """A special token that chat never feeds the drafter as an anchor: not end-of-sequence, not in
+        the chat template (SmolLM2: <|endoftext|> = 0). Serving-compatible heads embed their mask
+        positions with the target's embedding of it (docs/design.md §1)."""
+        used = set(self.eos_token_ids) | set(self.encode_chat("x"))
+        spare = [i for i in self.tokenizer.all_special_ids if i not in used and i < self.vocab_size]
+        if not spare:
+            raise DSparkError(f"target '{self.name}' has no spare special token for the mask: "
+                              "set draft.mask_token_id=<an unused token id>")
+        return min(spare)
+
     def encode_chat(self, messages: list[dict] | str) -> list[int]:
         """Token ids of a conversation with the generation prompt appended (chat template applied)."""
         if isinstance(messages, str):

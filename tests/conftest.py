@@ -54,7 +54,10 @@ def tiny_prompts(tiny_target):
 
 
 def tiny_head(target, sequential_head="markov", draft_vocab=None, seed=0, **over):
-    """A randomly initialised draft head for the tiny target (optionally with a reduced vocabulary)."""
+    """A randomly initialised draft head for the tiny target (optionally with a reduced vocabulary), in
+    the serving-compatible architecture new heads train with (q/k norm, mask = a target token's
+    embedding); `qk_norm=False, mask_token_id=-1` gives a head trained before it."""
+    over = {"qk_norm": True, "mask_token_id": target.spare_token_id(), **over}
     import torch
 
     from dspark.models.dspark import DSparkConfig, DSparkDraft, default_layer_ids

@@ -1,6 +1,7 @@
 """The EAGLE-3 baseline: config composes, training-time test overfits a fixed batch, the runtime drafter
-computes exactly what training computes, save → load keeps the logits, bad folders get one clear
-error, the EAGLE-3 serving layout holds what it documents, and a trained head is lossless (fp32 tiny target)."""
+computes exactly what training computes, both follow the speculators/vLLM convention (no entry for x_0),
+save → load keeps the logits, bad folders get one clear error, the EAGLE-3 serving layout holds what it
+documents, and a trained head is lossless (fp32 tiny target)."""
 import json
 
 import pytest
@@ -10,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from conftest import compose_cfg
 from dspark.inference import Eagle3Drafter, Engine, drafter_for
 from dspark.inference.drafters import RequestState
-from dspark.hub.layouts import save_eagle3_layout
+from dspark.hub.layouts import LAYOUTS
+from dspark.models.dspark import rope
 from dspark.models.eagle3 import Eagle3Config, Eagle3Draft, eagle3_layer_ids
 from dspark.core.errors import DSparkError
 from dspark.hub.io import load_head
@@ -110,6 +112,69 @@ def test_drafter_proposes_what_training_computes(tiny_target, tiny_prompts):
     assert second.tokens == trained_chain(s.tokens, second.tokens)
 
 
+
+def speculators_reference(head, feats, ids, steps):
+    """EAGLE-3 training-time test as `speculators` (eagle3/core.py, data.py `shift_batch`) and vLLM define
+    it, written out by hand from the head's weights on one sequence: entry j = (token x_{j+1}, feature
+    fc(g_j), position j+1); there is no entry for x_0. Step s feeds entry j the token x_{j+1+s} and the
+    entry's step s−1 output; its query sees the step-0 entries ≤ j and its own entries of steps 1…s.
+    → logits (steps, L−1, Vd); entry j predicts x_{j+2+s} at step s."""
+    lay, att = head.midlayer, head.midlayer.self_attn
+    n = ids.shape[1] - 1
+    hid = head.fc(feats[:, :-1])                                               # (1, N, D): g_0 … g_{N−1}
+    padded = torch.cat([ids, ids.new_zeros(1, steps)], 1)
+    ks, vs, out = [], [], []
+    for s in range(steps):
+        pos = torch.arange(1 + s, n + 1 + s)[None]
+        x = torch.cat([lay.input_layernorm(head.embed(padded[:, 1 + s:n + 1 + s])), lay.hidden_norm(hid)], -1)
+        q = rope(att.q_proj(x).view(1, n, att.h, att.hd), pos, att.theta)[0]  # (N, h, hd)
+        ks.append(rope(att.k_proj(x).view(1, n, att.kv, att.hd), pos, att.theta)[0].repeat_interleave(att.h // att.kv, 1))
+        vs.append(att.v_proj(x).view(n, att.kv, att.hd).repeat_interleave(att.h // att.kv, 1))
+        causal = torch.einsum("ihd,jhd->hij", q, ks[0]) / att.hd ** 0.5          # (h, N, N) over step-0 entries
+        causal = causal.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        diag = torch.stack([(q * k).sum(-1).t() / att.hd ** 0.5 for k in ks[1:]], -1) if s else causal[..., :0]
+        w = torch.softmax(torch.cat([causal, diag], -1), -1)                     # (h, N, N + s)
+        o = torch.einsum("hij,jhd->ihd", w[..., :n], vs[0])
+        for t, v in enumerate(vs[1:]):
+            o = o + w[..., n + t].t()[..., None] * v
+        h = hid + att.o_proj(o.reshape(1, n, -1))
+        hid = h + lay.mlp(lay.post_attention_layernorm(h))
+        out.append(head.logits(hid)[0])
+    return torch.stack(out)
+
+
+def test_forward_and_drafter_follow_the_speculators_convention(tiny_target, tiny_prompts):
+    """Same weights, same logits as the hand-written speculators/vLLM convention (no entry for x_0), so
+    the token at position 0 only reaches the head through the features; a one-token prompt (no entry
+    yet) proposes nothing at first and stays lossless."""
+    head = tiny_eagle3_head(tiny_target, draft_vocab=200, seed=5).eval()
+    with torch.no_grad():
+        for name, w in head.named_parameters():                               # norms away from their init
+            if name.endswith("norm.weight"):
+                w.mul_(1 + 0.3 * torch.randn_like(w))
+    tokens = tiny_prompts[1] + tiny_prompts[2][:6]
+    ids, g = torch.tensor([tokens]), head.config.gamma
+    with torch.no_grad():
+        hs = tiny_target.model(ids, output_hidden_states=True).hidden_states
+        feats = torch.cat([hs[i] for i in head.config.target_layer_ids], -1)
+        ref = speculators_reference(head, feats, ids, g)
+        anchors = torch.tensor([[1, 2, 9, len(tokens) - g - 1]])
+        block = ids[0, anchors[0, :, None] + torch.arange(g)][None]            # x_n … x_{n+γ−1}
+        ours = head(feats, ids, anchors, torch.ones_like(ids, dtype=torch.bool), block)[0]
+        for a, n in enumerate(anchors[0].tolist()):                            # our anchor n = their entry n−1
+            torch.testing.assert_close(ours[a], ref[:, n - 1], atol=2e-5, rtol=1e-4)
+        other = ids.clone()
+        other[0, 0] = (other[0, 0] + 1) % tiny_target.vocab_size
+        assert torch.equal(ours, head(feats, other, anchors, torch.ones_like(ids, dtype=torch.bool), block)[0])
+    # run time: a one-token prompt has no entry (nothing to propose) until its first step, then drafts
+    drafter = Eagle3Drafter(head, tiny_target)
+    s = RequestState(rid=0, tokens=tokens[:1], n_prompt=1, max_new_tokens=20)
+    drafter.start([s], None)
+    assert drafter.propose([s], [4])[0].tokens == []
+    prompts = [tokens[:1], tokens[:2], tiny_prompts[0]]
+    plain = Engine(tiny_target).generate(prompts, 12).outputs
+    assert Engine(tiny_target, Eagle3Drafter(head, tiny_target), gamma=3).generate(prompts, 12).outputs == plain
+
 def test_save_load_identical_logits_and_clear_errors(tiny_target, tmp_path):
     head = tiny_eagle3_head(tiny_target, draft_vocab=120, seed=3)
     torch.nn.init.normal_(head.midlayer.hidden_norm.weight)   # not the init value: loading must restore it
@@ -159,22 +224,32 @@ def test_save_load_identical_logits_and_clear_errors(tiny_target, tmp_path):
 
 
 def test_eagle3_serving_layout(tiny_target, tmp_path):
+    """vllm/ (speculators EAGLE-3, loaded and compared in tests/test_speculators.py) and sglang/
+    (LlamaForCausalLMEagle3) hold what hub/layouts.py documents."""
     head = tiny_eagle3_head(tiny_target, draft_vocab=100)
-    save_eagle3_layout(head, tmp_path / "x", include_embedding=True)
-    cfg = json.loads((tmp_path / "x" / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
-    assert cfg["draft_vocab_size"] == 100 and cfg["vocab_size"] == tiny_target.vocab_size
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == head.config.target_layer_ids
-    w = load_file(str(tmp_path / "x" / "model.safetensors"))
-    assert torch.equal(torch.arange(100) + w["d2t"], head.d2t)                   # offsets, as vLLM reads them
-    assert w["t2d"].dtype == torch.bool and int(w["t2d"].sum()) == 100 and bool(w["t2d"][head.d2t].all())
-    assert w["lm_head.weight"].shape == (100, tiny_target.hidden_size)
-    assert w["embed_tokens.weight"].shape == (tiny_target.vocab_size, tiny_target.hidden_size)
-    d = tiny_target.hidden_size
-    assert w["fc.weight"].shape == (d, len(head.config.target_layer_ids) * d)
-    assert w["midlayer.self_attn.q_proj.weight"].shape[1] == 2 * d and "midlayer.hidden_norm.weight" in w
-    torch.testing.assert_close(w["midlayer.mlp.down_proj.weight"].float(),
-                               head.midlayer.mlp.down_proj.weight.detach(), atol=1e-2, rtol=1e-2)
+    identity = {"id": "tiny-hub-id", "name": "tiny", "revision": "abc", "architectures": ["LlamaForCausalLM"]}
+    LAYOUTS["eagle3"].write(head, tmp_path, identity, torch.bfloat16)
+    d, k = tiny_target.hidden_size, len(head.config.target_layer_ids)
+    cfg = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle3" and cfg["transformer_layer_config"]["num_hidden_layers"] == 1
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == head.config.target_layer_ids and cfg["draft_vocab_size"] == 100
+    assert cfg["speculators_config"]["verifier"] == {"name_or_path": "tiny-hub-id", "revision": "abc",
+                                                     "architectures": ["LlamaForCausalLM"]}
+    w = load_file(str(tmp_path / "vllm" / "model.safetensors"))
+    assert w["layers.0.self_attn.q_proj.weight"].shape[1] == 2 * d and "layers.0.hidden_norm.weight" in w
+    assert w["embed_tokens.weight"].shape == (tiny_target.vocab_size, d) and w["fc.weight"].shape == (d, k * d)
+    sg = json.loads((tmp_path / "sglang" / "config.json").read_text())
+    assert sg["architectures"] == ["LlamaForCausalLMEagle3"] and sg["num_hidden_layers"] == 1
+    assert sg["draft_vocab_size"] == 100 and sg["vocab_size"] == tiny_target.vocab_size
+    assert sg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == head.config.target_layer_ids
+    s = load_file(str(tmp_path / "sglang" / "model.safetensors"))
+    assert "embed_tokens.weight" not in s and "midlayer.hidden_norm.weight" in s
+    for x in (w, s):
+        assert torch.equal(torch.arange(100) + x["d2t"], head.d2t)               # offsets, as both engines read them
+        assert x["t2d"].dtype == torch.bool and int(x["t2d"].sum()) == 100 and bool(x["t2d"][head.d2t].all())
+        assert x["lm_head.weight"].shape == (100, d)
+    torch.testing.assert_close(s["midlayer.mlp.down_proj.weight"].float(), head.midlayer.mlp.down_proj.weight.detach(),
+                               atol=1e-2, rtol=1e-2)
 
 
 def test_trained_head_reports_tau_and_is_lossless(tiny_target, tiny_prompts, trained):

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import torch
@@ -39,9 +38,13 @@ def features(target, ids):
     return torch.cat([hs[i] for i in (2, 3)], -1)
 
 
+# A head as conf/draft trains them now (serving-compatible: the speculators layout can express it).
+SERVING = dict(qk_norm=True, mask_token_id=258)
+
+
 def make_run(tmp_path, target, calibrate=True):
     """A run folder as the stages leave it: head/ + the stages' json files."""
-    head = tiny_head(target, "markov", draft_vocab=150).eval()
+    head = tiny_head(target, "markov", draft_vocab=150, **SERVING).eval()
     head.save_pretrained(tmp_path / "head")
     for name, data in [("bench", BENCH), ("train", TRAIN), ("generate", GENERATE)] + (
             [("calibrate", CALIBRATE)] if calibrate else []):
@@ -72,7 +75,7 @@ def test_export_round_trip_is_strict_and_exact(tiny_target, tiny_prompts, tmp_pa
     back = load_head(folder).attach(tiny_target).eval()
     want = head
     if dtype == "bfloat16":   # the export is the head rounded to bf16: compare with exactly that
-        want = tiny_head(tiny_target, "markov", draft_vocab=150).eval()
+        want = tiny_head(tiny_target, "markov", draft_vocab=150, **SERVING).eval()
         want.load_state_dict({k: v.to(torch.bfloat16).float() if v.is_floating_point() else v
                               for k, v in head.state_dict().items()})
     for a, b in zip(logits(want, tiny_target, tiny_prompts[2]), logits(back, tiny_target, tiny_prompts[2])):
@@ -130,21 +133,37 @@ def test_card_calibration_table(tiny_target, tmp_path):
 
 
 def test_vllm_layout(tiny_target, tmp_path):
+    """vllm/ holds the speculators DSpark layout (tests/test_speculators.py loads it into speculators)."""
     from safetensors.torch import load_file
 
     head = make_run(tmp_path, tiny_target)
     export.run(export_cfg(tmp_path, "dtype=float32"))
     v = tmp_path / "export" / "vllm"
     config = json.loads((v / "config.json").read_text())
+    c = head.config
     assert config["speculators_model_type"] == "dspark" and config["block_size"] == 5
     assert config["speculators_config"]["verifier"]["name_or_path"] == "tiny"
+    assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]   # from the loaded target
     assert config["transformer_layer_config"]["num_hidden_layers"] == 1
-    assert config["aux_hidden_state_layer_ids"] == [i - 1 for i in head.config.target_layer_ids]
+    assert config["transformer_layer_config"]["head_dim"] == c.head_dim
+    assert config["aux_hidden_state_layer_ids"] == c.target_layer_ids                # hidden_states indices, unshifted
+    assert (config["markov_rank"], config["markov_head_type"], config["mask_token_id"]) == (8, "vanilla", 258)
+    assert config["sample_from_anchor"] is True and config["confidence_head_with_markov"] is True
+    assert config["dspark_confidence_temperatures"] == [1.25, 0.875]                  # from calibrate.json
     w = load_file(str(v / "model.safetensors"))
     assert torch.equal(w["fc.weight"], head.context_proj.weight)
-    assert torch.equal(w["markov_head.up_proj.weight"], head.chunk_head.up_proj.weight)
+    assert torch.equal(w["markov_head.markov_w2.weight"], head.chunk_head.up_proj.weight)
+    assert w["markov_head.markov_w1.weight"].shape == (tiny_target.vocab_size, c.head_rank)   # over the target vocab
+    assert torch.equal(w["markov_head.markov_w1.weight"][head.d2t], head.token_embed.weight[:150])
+    outside = head.t2d == 150
+    assert (w["markov_head.markov_w1.weight"][outside] == head.token_embed.weight[150]).all()  # the "outside" row
+    assert torch.equal(w["confidence_head.proj.weight"], head.confidence.weight)
+    assert torch.equal(w["layers.0.self_attn.q_norm.weight"], head.layers[0].self_attn.q_norm.weight)
+    assert torch.equal(w["lm_head.weight"], head.lm_weight)                            # the target's rows d2t
     assert torch.equal(w["d2t"] + torch.arange(150), head.d2t) and int(w["t2d"].sum()) == 150
-    assert not any(k.startswith(("context_proj", "chunk_head", "embed_weight", "lm_weight")) for k in w)
+    assert "embed_tokens.weight" not in w and "mask_embedding" not in w
+    assert not any(k.startswith(("context_proj", "chunk_head", "token_embed", "confidence.")) for k in w)
+    assert "vllm serve" in (v / "README.md").read_text() and "DSPARK" in (v / "README.md").read_text()
 
 
 def test_dry_run_lists_exactly_the_upload_and_never_pushes(tiny_target, tmp_path, monkeypatch, capsys):
@@ -312,23 +331,28 @@ def test_interrupted_swap_is_restored_and_only_our_stale_temporaries_go(tiny_tar
     build = tempfile.mkdtemp(dir=tmp_path, prefix=".export-")             # killed while writing
     (tmp_path / build / hub.EXPORT_MARKER).write_text('{"written_by": "dspark export"}')
     (tmp_path / build / "config.json").write_text("{")
-    empty = tempfile.mkdtemp(dir=tmp_path, prefix=".export-")             # killed right after mkdtemp
-    running = tempfile.mkdtemp(dir=tmp_path, prefix=".export-")           # another export, still writing
-    (tmp_path / running / hub.EXPORT_MARKER).write_text('{"written_by": "dspark export"}')
+    tempfile.mkdtemp(dir=tmp_path, prefix=".export-")                     # killed right after mkdtemp
     foreign = [tmp_path / ".export-notes", tempfile.mkdtemp(dir=tmp_path, prefix=".export-old-")]
     for f in foreign:                                                      # not ours: no marker / not our name
         (tmp_path / f / "export").mkdir(parents=True)
         (tmp_path / f / "export" / "a.txt").write_text("mine")
-    hour_ago = time.time() - 2 * export.STALE_S
-    for p in [build, empty, *foreign]:
-        os.utime(p, (hour_ago, hour_ago))
     monkeypatch.setattr(export.model_card, "render", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):                                      # recovers, then fails: the old one stays
         export.run(export_cfg(tmp_path))
     assert (tmp_path / "export" / "README.md").read_text() == card
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export"))
-    assert left == sorted([os.path.basename(running), *(os.path.basename(f) for f in foreign)])
+    assert left == sorted(os.path.basename(f) for f in foreign)
     assert all((tmp_path / f / "export" / "a.txt").read_text() == "mine" for f in foreign)
     monkeypatch.undo()
     export.run(export_cfg(tmp_path))
     assert (tmp_path / "export" / hub.EXPORT_MARKER).is_file() and (tmp_path / "export" / "vllm").is_dir()
+
+
+def test_a_second_export_into_the_same_folder_is_refused_while_one_runs(tiny_target, tmp_path):
+    from dspark.core.files import folder_lock
+
+    make_run(tmp_path, tiny_target)
+    with folder_lock(tmp_path, "export-export", "dspark export"):          # as a running export holds it
+        with pytest.raises(DSparkError, match="another dspark export is writing"):
+            export.run(export_cfg(tmp_path))
+    assert not (tmp_path / "export").exists()

@@ -55,7 +55,9 @@ class Eagle3Objective(BlockObjective):
     towards the target's distribution of x_{n+k}: forward KL to the target softmax restricted to the
     draft vocabulary and renormalised (EAGLE-3's loss), weighted by w_k = exp(−(k−1)/γ). Validation
     stats (expected τ, greedy τ, L1, CE) are those of `block_losses`; the confidence reported is the
-    draft's top probability, so `bce` measures how well that works as a survival estimate."""
+    draft's top probability, so `bce` measures how well that works as a survival estimate. There is no
+    draft entry for x_0 (speculators / vLLM convention, models/eagle3.py), so a block anchored at
+    position 0 (x_1 is never drafted) is not scored."""
 
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         g = head.config.gamma
@@ -63,7 +65,7 @@ class Eagle3Objective(BlockObjective):
         b, a = anchors.shape
         draft_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1]).view(b * a, g, -1)
         target_logits = target_logits.view(b * a, g, -1)
-        valid = valid.view(b * a, g)
+        valid = (valid & (anchors > 0)[..., None]).view(b * a, g)
         logp_d = F.log_softmax(draft_logits.float(), -1)
         top = logp_d.detach().max(-1).values.exp().clamp(1e-6, 1 - 1e-6)
         out = block_losses(draft_logits, torch.logit(top), target_logits, head.t2d[toks[..., 1:]].view(b * a, g),
