@@ -104,10 +104,13 @@ class DraftHeadBase:
         self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(dev, torch.float32)
         return self
 
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32,
+                        state_dict: dict | None = None) -> None:
+        """`state_dict`: the weights to write instead of this module's own (a sharded run's gathered full state)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         cfg = {"architectures": [type(self).__name__], **asdict(self.config)}
         (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

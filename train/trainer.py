@@ -71,6 +71,9 @@ class Trainer:
         self.acc = Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
                                mixed_precision="bf16" if cuda and cfg.bf16_autocast else "no",
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+                               # batches are sharded by hand (_epoch_batches): accelerate must not step the LR
+                               # schedule num_processes times per optimizer step; fit() steps it once
+                               step_scheduler_with_optimizer=False,
                                log_with="wandb" if cfg.logger.name == "wandb" else None)
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
@@ -149,7 +152,8 @@ class Trainer:
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + acc.process_index * 7919 + st["micro"])
                 with acc.accumulate(self.model):
                     loss_sum, count, _ = self.objective.forward_loss(collate(batches[bi]), gen, self.head)
-                    total = acc.gather(count.float().reshape(1)).sum().clamp_min(1)
+                    both = acc.gather(torch.stack([count.float(), loss_sum.detach().float()]).reshape(1, 2)).sum(0)
+                    total = both[0].clamp_min(1)
                     loss = loss_sum * acc.num_processes / total
                     if not torch.isfinite(loss):
                         raise DSparkError(self._nan_message())
@@ -157,12 +161,13 @@ class Trainer:
                     if acc.sync_gradients and cfg.optim.grad_clip:
                         acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                     self.opt.step()
-                    self.sched.step()
+                    if acc.sync_gradients:
+                        self.sched.step()
                     self.opt.zero_grad()
                 st["micro"] += 1
                 st["batch"] = bi + 1
                 st["positions"] += int(total.item())
-                window["loss"] += float(loss_sum.detach()) * acc.num_processes
+                window["loss"] += float(both[1])
                 window["count"] += float(total)
                 if not acc.sync_gradients:
                     continue
@@ -198,40 +203,41 @@ class Trainer:
     @torch.no_grad()
     def _validate(self) -> None:
         st, t0 = self.state, time.perf_counter()
+        # every rank runs the forwards (under FSDP each one gathers the shards: a collective); rank 0 records
+        self.head.eval()
+        sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
+        taus, greedy_taus, accept, greedy = [], [], [], []
+        obj = OBJECTIVES[self.head.architecture](self.model, self.target, self.features,
+                                                 self.cfg.val_anchors_per_seq, self.cfg.loss)
+        for i in range(0, len(self.val_rows), self.cfg.batch_size):
+            batch = collate(self.val_rows[i:i + self.cfg.batch_size])
+            gen = torch.Generator().manual_seed(self.cfg.seed + i)   # the same anchors every time
+            _, _, out = obj.forward_loss(batch, gen, self.head)
+            for k in sums:
+                sums[k] += float(out[k])
+            keep = out["valid"][:, 0]
+            taus.append(expected_tau(out["accept"], out["valid"])[keep])
+            greedy_taus.append(expected_tau(out["greedy"], out["valid"])[keep])
+            accept.append(out["accept"][keep] * out["valid"][keep])
+            greedy.append(out["greedy"][keep])
+        n = max(sums["count"], 1)
+        acc_k = torch.cat(accept)
+        g_k = torch.cat(greedy).float()
+        reached = torch.cumprod(torch.cat([torch.ones(len(g_k), 1), g_k[:, :-1]], 1), 1)
+        point = {"step": st["step"], "minutes": st["seconds"] / 60, "positions": st["positions"],
+                 "train_loss": st.get("train_loss"), "val_loss": sums["loss"] / n, "val_ce": sums["ce"] / n,
+                 "val_l1": sums["l1"] / n, "val_bce": sums["bce"] / n,
+                 "val_tau": float(torch.cat(taus).mean()), "val_tau_greedy": float(torch.cat(greedy_taus).mean()),
+                 "val_acceptance_by_position": acc_k.mean(0).tolist(),
+                 "val_greedy_acceptance_by_position":
+                     ((g_k * reached).sum(0) / reached.sum(0).clamp_min(1)).tolist()}
         if self.acc.is_main_process:
-            self.head.eval()
-            sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
-            taus, greedy_taus, accept, greedy = [], [], [], []
-            obj = OBJECTIVES[self.head.architecture](self.head, self.target, self.features,
-                                                     self.cfg.val_anchors_per_seq, self.cfg.loss)
-            for i in range(0, len(self.val_rows), self.cfg.batch_size):
-                batch = collate(self.val_rows[i:i + self.cfg.batch_size])
-                gen = torch.Generator().manual_seed(self.cfg.seed + i)   # the same anchors every time
-                _, _, out = obj.forward_loss(batch, gen, self.head)
-                for k in sums:
-                    sums[k] += float(out[k])
-                keep = out["valid"][:, 0]
-                taus.append(expected_tau(out["accept"], out["valid"])[keep])
-                greedy_taus.append(expected_tau(out["greedy"], out["valid"])[keep])
-                accept.append(out["accept"][keep] * out["valid"][keep])
-                greedy.append(out["greedy"][keep])
-            n = max(sums["count"], 1)
-            acc_k = torch.cat(accept)
-            g_k = torch.cat(greedy).float()
-            reached = torch.cumprod(torch.cat([torch.ones(len(g_k), 1), g_k[:, :-1]], 1), 1)
-            point = {"step": st["step"], "minutes": st["seconds"] / 60, "positions": st["positions"],
-                     "train_loss": st.get("train_loss"), "val_loss": sums["loss"] / n, "val_ce": sums["ce"] / n,
-                     "val_l1": sums["l1"] / n, "val_bce": sums["bce"] / n,
-                     "val_tau": float(torch.cat(taus).mean()), "val_tau_greedy": float(torch.cat(greedy_taus).mean()),
-                     "val_acceptance_by_position": acc_k.mean(0).tolist(),
-                     "val_greedy_acceptance_by_position":
-                         ((g_k * reached).sum(0) / reached.sum(0).clamp_min(1)).tolist()}
             st["curve"].append(point)
-            self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
-                          not isinstance(v, list)}, step=st["step"])
             tqdm.write(f"step {st['step']}: val loss {point['val_loss']:.3f}  expected τ {point['val_tau']:.3f} "
                        f"(greedy {point['val_tau_greedy']:.3f})  {self._rate():.0f} training positions/s")
-            self.head.train()
+        self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
+                      not isinstance(v, list)}, step=st["step"])
+        self.head.train()
         self.acc.wait_for_everyone()
         st["val_seconds"] = st.get("val_seconds", 0.0) + time.perf_counter() - t0
 
@@ -243,6 +249,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()   # every rank's files (random_states_<rank>.pkl, FSDP shards) are in tmp
         if self.acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps({**self.state, "settings": self.settings}))
             final = root / f"step-{self.state['step']:07d}"
@@ -297,10 +304,11 @@ class Trainer:
     def _finish(self) -> dict:
         st, c = self.state, self.head.config
         summary = {}
+        weights = self.acc.get_state_dict(self.model)   # collective under FSDP; the plain state dict otherwise
         if self.acc.is_main_process:
             tmp = self.out / ".head.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.head.save_pretrained(tmp)
+            self.head.save_pretrained(tmp, state_dict=weights)
             shutil.rmtree(self.out / "head", ignore_errors=True)
             os.replace(tmp, self.out / "head")
             final = st["curve"][-1] if st["curve"] else {}
