@@ -51,6 +51,8 @@ def unknown_setting(stage: str, overrides: list[str]) -> str | None:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    from .settings import PIPELINE
+
     groups = _groups()
     pairs = [(o, o.partition("=")[0]) for o in overrides if "=" in o and not o.startswith("-")]
     chosen = [o for o, k in pairs if k.lstrip("+~") in groups and "," not in o]
@@ -71,8 +73,7 @@ def unknown_setting(stage: str, overrides: list[str]) -> str | None:
             return f"{bare} already exists: write {bare}=… without the +"
         if there or key.startswith("~"):
             continue
-        if stage == "run" and key.startswith("+") and bare.split(".")[0] in ("generate", "train", "calibrate",
-                                                                              "bench", "export"):
+        if stage == "run" and key.startswith("+") and bare.split(".")[0] in PIPELINE:
             continue   # a stage's own key, checked when dspark run composes that stage
         near = difflib.get_close_matches(bare, known, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(near)}? " if near else ""

@@ -38,7 +38,6 @@ from dspark.core.errors import DSparkError
 
 from .settings import check
 
-STAGES = ("generate", "train", "calibrate", "bench", "export")
 RUNNERS = {"generate": "dspark.data.generate", "train": "dspark.train.trainer", "calibrate": "dspark.eval.calibrate",
            "bench": "dspark.eval.bench", "export": "dspark.hub.export"}
 
@@ -48,6 +47,7 @@ def run(cfg) -> dict:
     configs = {s: stage_config(cfg, s) for s in cfg.stages}   # all composed first: a bad override fails early
     for stage, scfg in configs.items():                       # and every stage's settings checked before any work
         check(stage, scfg)
+    _check_serving_layout(configs)
     fingerprints = {s: fingerprint(c) for s, c in configs.items()}
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_json(out / "run.json") or {}
@@ -55,8 +55,8 @@ def run(cfg) -> dict:
     t_all = time.perf_counter()
     for stage in cfg.stages:
         scfg, fp = configs[stage], fingerprints[stage]
-        old_fp = ((previous.get("stages") or {}).get(stage) or {}).get("fingerprint")
-        decision = DECIDE[stage](scfg, out, same=old_fp in (None, fp))
+        before = (previous.get("stages") or {}).get(stage)   # this stage's record from an earlier dspark run
+        decision = DECIDE[stage](scfg, out, same=(before or {}).get("fingerprint") in (None, fp), ours=bool(before))
         t0 = time.perf_counter()
         if decision == "reuse":
             status = "reused"
@@ -86,6 +86,20 @@ def run(cfg) -> dict:
     bench = _read_json(out / "bench.json") or {}
     speedups = [(head_row(bench, h) or {}).get("speedup_vs_plain") for h in ("dspark", "dflash")]
     return {"speedup": max((s for s in speedups if s is not None), default=None), "seconds": record["seconds"]}
+
+
+def _check_serving_layout(configs: dict) -> None:
+    """An export with vllm=true would refuse a head trained with an architecture speculators cannot
+    express: say so before training it, not after."""
+    from dspark.hub.layouts import architecture_refusals
+
+    if "train" in configs and configs.get("export") is not None and configs["export"].vllm:
+        d = configs["train"].draft
+        why = architecture_refusals(d.sequential_head, bool(d.get("qk_norm")), d.get("mask_token_id", "auto")) \
+            if (d.get("architecture") or "dspark") == "dspark" else []
+        if why:
+            raise DSparkError(f"export.vllm=true cannot write this draft in the speculators layout: {'; '.join(why)}. "
+                              "Pass export.vllm=false or keep the conf/draft defaults")
 
 
 # ------------------------------------------------------------------ composing the stages
@@ -179,11 +193,11 @@ def _newer(output: Path, inputs: list) -> bool:
     return output.is_file() and all(output.stat().st_mtime >= _mtime(i) for i in inputs)
 
 
-def _decide_generate(scfg, out: Path, same: bool) -> str:
+def _decide_generate(scfg, out: Path, same: bool, ours: bool) -> str:
     return "run"   # resumable by itself: a finished dataset costs one target load ("nothing to do")
 
 
-def _decide_train(scfg, out: Path, same: bool) -> str:
+def _decide_train(scfg, out: Path, same: bool, ours: bool) -> str:
     summary = _read_json(out / "train.json")
     head = out / "head" / "model.safetensors"
     data = Path(scfg.data_dir)
@@ -194,18 +208,21 @@ def _decide_train(scfg, out: Path, same: bool) -> str:
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     if ckpts and same and _mtime(ckpts[-1]) >= _mtime(data):
         return "resume"
-    if ckpts:   # written with other settings or before the dataset changed: start over
+    if ckpts and not ours:   # not written by an earlier `dspark run` here: never ours to delete
+        raise DSparkError(f"{out / 'checkpoints'} holds checkpoints that no earlier `dspark run` in this folder "
+                          "wrote: pass a new output_dir= (or continue them with dspark train resume=true)")
+    if ckpts:   # our own, written with other settings or before the dataset changed: start over
         print(f"[dspark run] train: settings or data changed; discarding {len(ckpts)} old checkpoint(s)")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return "run"
 
 
-def _decide_calibrate(scfg, out: Path, same: bool) -> str:
+def _decide_calibrate(scfg, out: Path, same: bool, ours: bool) -> str:
     head = Path(str(scfg.head))
     return "reuse" if same and _newer(out / "calibrate.json", [head / "model.safetensors"]) else "run"
 
 
-def _decide_bench(scfg, out: Path, same: bool) -> str:
+def _decide_bench(scfg, out: Path, same: bool, ours: bool) -> str:
     head = Path(str(scfg.head))
     inputs = [head / "model.safetensors", head / "config.json"] if head.is_dir() else []
     if (out / "calibrate.json").is_file():
@@ -213,7 +230,7 @@ def _decide_bench(scfg, out: Path, same: bool) -> str:
     return "reuse" if same and _newer(out / "bench.json", inputs) else "run"
 
 
-def _decide_export(scfg, out: Path, same: bool) -> str:
+def _decide_export(scfg, out: Path, same: bool, ours: bool) -> str:
     return "run"
 
 

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dspark.core.errors import DSparkError
 from dspark.core.methods import DRAFTER_FREE
 from dspark.models.heads import HEADS
+from dspark.models.target import DTYPES as TARGET_DTYPES
 
 _ABSENT = object()   # a key this config does not have
 
@@ -130,11 +131,12 @@ class Policy(Rule):
         return POLICIES
 
 
+PIPELINE = ("generate", "train", "calibrate", "bench", "export")   # the stages of `dspark run`, in order
 FRACTION = Num(0, 1)                 # [0, 1]
 SHARE = Num(0, 0.99)                 # a share held out: something must remain
 TEMPERATURE = Num(0)                 # 0 = greedy
 TOP_P = Num(0, 1, open_lo=True)      # (0, 1]
-DTYPES = Choice(("float32", "bfloat16", "float16"))
+DTYPES = Choice(tuple(TARGET_DTYPES))
 TARGET = {"target.dtype": DTYPES, "target.attn_implementation": Choice(("eager", "sdpa"))}
 COMMON = {"seed": Int(0), **TARGET}
 
@@ -188,7 +190,7 @@ RULES: dict[str, dict] = {
     "run": {
         **COMMON,
         "max_prompts": Int(1, null=True), "max_steps": Int(1, null=True), "max_minutes": Pos(null=True),
-        "stages": Each(Choice(("generate", "train", "calibrate", "bench", "export")), 1),
+        "stages": Each(Choice(PIPELINE), 1),
     },
 }
 
@@ -226,9 +228,9 @@ def check_output_dir(path) -> None:
     p = Path(str(path)).expanduser()
     if p.exists() and not p.is_dir():
         raise DSparkError(f"output_dir '{p}' is an existing file: pass output_dir=<folder>")
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise DSparkError(f"output_dir '{p}' cannot be written ('{probe}' is not a writable folder): "
+    base = next(q for q in (p, *p.parents) if q.exists())
+    # access(2), not a probe file: writing one would change the folder (its mtime); it also reports a
+    # read-only filesystem for root
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise DSparkError(f"output_dir '{p}' cannot be written ('{base}' is not a writable folder): "
                           "pass output_dir=<writable folder>")

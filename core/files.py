@@ -26,12 +26,13 @@ def write_json_atomic(path: str | Path, data) -> None:
 @contextmanager
 def folder_lock(out: Path, name: str, who: str):
     """Hold `<out>/.<name>.lock` (non-blocking flock; the kernel drops it when the process ends, even
-    killed), making `out` if needed; `who` names the command in the error another job gets. On the way out the
-    lock file goes, and so do the folders this run made if they are left empty (a refused run)."""
+    killed), making `out` if needed; `who` names the command in the error another job gets. On the way
+    out the lock file goes, and so do the folders this run made if they are left empty (a refused run)."""
     made = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     path = out / f".{name}.lock"
     while True:
+        existed = path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -40,8 +41,11 @@ def folder_lock(out: Path, name: str, who: str):
             os.close(fd)
             raise DSparkError(f"another {who} is writing to {out} (pid {pid}): "
                               "wait for it or pass another output_dir=") from None
-        except OSError as e:   # a filesystem without flock (some NFS mounts)
+        except OSError as e:   # a filesystem without flock (some NFS mounts): leave nothing behind
             os.close(fd)
+            if not existed:
+                path.unlink(missing_ok=True)
+            _remove_empty(made)
             raise DSparkError(f"cannot lock {path} ({e.strerror}): pass an output_dir= on a local disk") from None
         if path.exists() and path.stat().st_ino == os.fstat(fd).st_ino:
             break
@@ -53,8 +57,13 @@ def folder_lock(out: Path, name: str, who: str):
     finally:
         path.unlink(missing_ok=True)   # while still held, so no one locks a file that is gone
         os.close(fd)
-        for d in made:
-            try:
-                d.rmdir()
-            except OSError:
-                break   # not empty: this run wrote there
+        _remove_empty(made)
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders a call made (deepest first) while they are empty."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break   # not empty: this run wrote there

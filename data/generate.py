@@ -88,7 +88,6 @@ def run(cfg) -> dict:
     from accelerate import Accelerator
 
     out = Path(cfg.output_dir)
-    _check_writable(out)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     target = load_target(cfg.target, device=acc.device)
     target.encode_chat("probe")   # no chat template → one clear error before any work
@@ -97,7 +96,8 @@ def run(cfg) -> dict:
     engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
     train, heldout, skipped = select_prompts(cfg)
     want = settings(cfg, target, train, heldout)
-    with folder_lock(out, f"generate-rank{acc.process_index}", "dspark generate"):   # before the first write; a refused run leaves nothing
+    # the lock comes before the first write; a refused run leaves nothing
+    with folder_lock(out, f"generate-rank{acc.process_index}", "dspark generate"):
         summary_path = out / "generate.json"
         if summary_path.is_file() and (out / "dataset").is_dir():
             done = json.loads(summary_path.read_text())
@@ -158,18 +158,6 @@ def _check_chunk_settings(chunks: Path, want: dict) -> None:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _row_settings(want).items() if old.get(k) != v)
         raise DSparkError(f"'{chunks.parent}' holds chunks generated with other settings ({diff}): "
                           "pass a new output_dir= or delete that folder")
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before any work on a folder that cannot be written; makes nothing (the probe goes in the
-    nearest existing folder, `folder_lock` makes `out`)."""
-    base = next(p for p in (out, *out.parents) if p.exists())
-    try:
-        probe = base / f".write-probe-{os.getpid()}"   # one per process: ranks probe at the same time
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise DSparkError(f"output folder '{out}' is not writable ({e.strerror}): pass output_dir=<writable folder>") from None
 
 
 def _done_ids(chunks: Path) -> set[str]:

@@ -16,18 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dspark.core.errors import DSparkError
+from dspark.core.files import write_json_atomic, write_text_atomic
+from dspark.core.methods import Method
+from dspark.hub.io import is_repo_ref, load_head
 from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
-from dspark.hub.io import load_head
-from dspark.hub.io import is_repo_ref
-from dspark.core.methods import Method
-from dspark.core.errors import DSparkError
-from dspark.core.files import write_json_atomic, write_text_atomic
 from dspark.models.target import check_head_target, load_target
 
 from .prompts import load_prompts
 from .report import load_summary, markdown, write_plots
+
 
 def run(cfg) -> dict:
     out_dir = Path(cfg.output_dir)
@@ -200,7 +200,7 @@ class Bench:
 
     def _hf(self, name: str, prompts: list[list[int]]):
         """Hugging Face `generate` (plain, or prompt lookup) one prompt at a time: the outside baseline."""
-        c, model = self.cfg, self.target.model
+        c = self.cfg
         stats, outputs = Stats(gamma=max(c.gamma, 1)), []
         kw = dict(max_new_tokens=c.max_new_tokens, min_new_tokens=c.max_new_tokens if c.ignore_eos else 0,
                   eos_token_id=self.target.eos_token_ids,
@@ -213,7 +213,7 @@ class Bench:
             ids = torch.tensor([p], device=self.target.device)
             t = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)[0, len(p):].tolist()
+                out = self.target.hf_generate(ids, attention_mask=torch.ones_like(ids), **kw)[0, len(p):].tolist()
             dt = time.perf_counter() - t
             stats.wall += dt
             stats.tokens += len(out)

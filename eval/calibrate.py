@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark.data.dataset import load_rows, split
-from dspark.inference import Engine, drafter_for
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic
+from dspark.data.dataset import load_rows, split
 from dspark.hub.io import load_head
-from dspark.models.target import load_target
+from dspark.inference import Engine, drafter_for
+from dspark.models.target import check_head_target, load_target
 
 from . import sts
 
@@ -53,10 +53,11 @@ def run(cfg) -> dict:
     out_dir, head_dir = Path(cfg.output_dir), Path(cfg.head)
     if not (head_dir / "config.json").is_file():
         raise DSparkError(f"no trained head at {head_dir}: run `dspark train` first or pass head=<folder>")
-    target = load_target(cfg.target)
     head = load_head(head_dir)
+    check_head_target(head, cfg.target, head_dir)
     if not hasattr(head.config, "confidence_temperatures"):
         raise DSparkError(f"the head at {head_dir} ({type(head).__name__}) has no confidence head to calibrate")
+    target = load_target(cfg.target)
     head.config.confidence_temperatures = []          # observe raw confidences
     prompts = held_out_prompts(cfg, target)
     torch.manual_seed(cfg.seed)

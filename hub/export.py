@@ -30,7 +30,7 @@ import torch
 from dspark.core.errors import DSparkError
 from dspark.core.files import folder_lock, write_json_atomic
 from dspark.core.methods import head_row
-from dspark.models.target import load_target, parse_dtype
+from dspark.models.target import check_head_target, load_target, parse_dtype, target_name
 
 from . import model_card
 from .io import EXPORT_MARKER, load_head, push_folder, resolve_head, upload_plan, validate_repo_id
@@ -51,12 +51,12 @@ def run(cfg) -> dict:
     target = target_identity(cfg, head)
     layout = LAYOUTS.get(head.architecture) if cfg.vllm else None
     notes = [f"note: no serving layout for a {type(head).__name__} head"] if cfg.vllm and not layout else []
-    if layout:
-        layout.check(head)              # one clear refusal before the target is loaded
-        attach_target(head, target, load_target(cfg.target))
     results = {"bench": [b for b in (_read_json(p) for p in cfg.bench_files) if b],
                "train": _read_json(cfg.train_json), "calibrate": _read_json(cfg.calibrate_json),
                "generate": _read_json(cfg.generate_json)}
+    if layout:
+        layout.check(head)              # one clear refusal before the target is loaded
+        attach_target(head, target, load_target(cfg.target))
     c = head.config
     for key, value in (("target_name_or_path", target["id"]), ("target_revision", target["revision"])):
         if value and hasattr(c, key):   # config fields a head kind has (EAGLE-3 heads keep theirs as trained)
@@ -157,10 +157,8 @@ def target_identity(cfg, head) -> dict:
     """The target the head belongs to: its name (as stages name it), Hub id, revision, source, and
     the override that selects it on the command line. Refuses a head trained for another target."""
     t = cfg.target
-    name = str(t.name_or_path).rstrip("/").split("/")[-1] if t.get("name_or_path") else t.name
-    if head.config.target and head.config.target != name:
-        raise DSparkError(f"head {cfg.head} was trained for target '{head.config.target}' but target is '{name}': "
-                          "pass the matching target=… (or target.name_or_path=…)")
+    check_head_target(head, t, cfg.head)
+    name = target_name(t)
     known = (cfg.get("known_targets") or {}).get(t.name) or {}
     hub_id = (cfg.get("target_id") or t.get("name_or_path") or known.get("id")
               or getattr(head.config, "target_name_or_path", None))

@@ -79,13 +79,20 @@ def vocabulary_refusals(head) -> list[str]:
 
 def dspark_refusals(head) -> list[str]:
     """Why `head` (a DSparkDraft) has no exact speculators DSpark equivalent; empty when it has one."""
-    c, why = head.config, vocabulary_refusals(head)
-    if c.sequential_head == "rnn":
+    c = head.config
+    return vocabulary_refusals(head) + architecture_refusals(c.sequential_head, c.qk_norm, c.mask_token_id)
+
+
+def architecture_refusals(sequential_head: str, qk_norm: bool, mask_token_id) -> list[str]:
+    """The DSpark architecture choices speculators cannot express (mask_token_id: an id, −1 or None for
+    a learned vector, or "auto"); `dspark run` checks its draft settings with it before any work."""
+    why = []
+    if sequential_head == "rnn":
         why.append("its RNN sequential head is a different recurrence from speculators' `rnn` Markov head")
-    if not c.qk_norm:
+    if not qk_norm:
         why.append("it was trained without per-head q/k RMSNorm (qk_norm: false), which speculators' "
                    "DSpark layers always apply")
-    if c.mask_token_id < 0:
+    if mask_token_id is None or mask_token_id != "auto" and int(mask_token_id) < 0:
         why.append("its mask input is a learned vector (mask_token_id: -1); speculators embeds mask "
                    "positions with the target's frozen embedding of mask_token_id")
     return why

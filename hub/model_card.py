@@ -6,7 +6,6 @@ model-card metadata (library, tags, base model, model-index with the measured me
 """
 from __future__ import annotations
 
-
 import yaml
 
 from dspark.core.methods import Method, head_row, records
@@ -96,9 +95,7 @@ def _bench(b: dict, head_method: str) -> str:
     setting = (f"`dspark bench`, {b.get('prompts')} {b.get('prompt_set')} prompts, max_new_tokens "
                f"{b.get('max_new_tokens')}, temperature {b.get('temperature')}, γ={b.get('gamma')}, target "
                f"{b.get('target')} ({b.get('dtype')})")
-    if b.get("policy"):
-        setting += f", verification policy `{b['policy']}`"
-    elif b.get("policies"):
+    if b.get("policies"):
         setting += f", verification policies {', '.join(f'`{x}`' for x in b['policies'])} (`+sched` rows: confidence scheduler)"
     lines = [f"## Results: {b.get('prompt_set')}\n", f"Measured with {setting} on `{b.get('machine')}`. "
              "Speedups are tokens/s ratios against plain decoding measured side by side in the same run "
@@ -109,8 +106,6 @@ def _bench(b: dict, head_method: str) -> str:
     for method, m in rows.items():
         name = method.name
         label = f"**{name}** (this head)" if method == this else name
-        if m.get("policy") and not b.get("policy"):
-            label += f" [{m['policy']}]"
         lines.append(f"| {label} | {_f(m.get('tau'))} | {_f(m.get('speedup_vs_plain'))}× | "
                      f"{_f(m.get('tokens_per_s'), '.1f')} | {_f(m.get('exact_match_rate'))} |")
     if this not in rows:

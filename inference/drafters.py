@@ -26,7 +26,6 @@ class RequestState:
     max_new_tokens: int
     done: bool = False
     finish_reason: str = ""
-    finish_time: float = 0.0
     logits: list = field(default_factory=list)     # per emitted token, when recorded
     margins: list = field(default_factory=list)    # top-1 − top-2 logit gap per emitted token
 

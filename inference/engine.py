@@ -316,7 +316,7 @@ class Engine:
         if len(s.margins) > len(s.generated):
             del s.margins[len(s.generated):]
         if s.finish_reason or s.remaining <= 0:
-            s.done, s.finish_reason, s.finish_time = True, s.finish_reason or "length", now
+            s.done, s.finish_reason = True, s.finish_reason or "length"
             self.timings[s.rid].finished = now
 
     def _reschedule(self, states, active: list[RequestState], cache: SlotCache, queue: Admission,

@@ -25,21 +25,15 @@ def build_head(d, target, d2t) -> nn.Module:
     return HEADS[arch].from_draft_cfg(d, target, d2t)
 
 
-def head_architecture(folder: str | Path) -> str:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise DSparkError(f"{folder} is not a draft head folder (no config.json): run `dspark train` first "
-                          "or pass head=<folder>")
-    try:
-        arch = (json.loads(path.read_text()).get("architectures") or ["DSparkDraft"])[0]
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise DSparkError(f"{path} is malformed ({e}): re-export the head") from None
-    if arch not in HEAD_CLASSES:
-        raise DSparkError(f"{path} names architecture '{arch}', not one of {sorted(HEAD_CLASSES)}")
-    return arch
-
-
 def read_head(folder: str | Path) -> nn.Module:
     """The head saved in a local folder (strict: config and weights must match). A Hub repo id goes
-    through hub/io.py `load_head`."""
-    return HEAD_CLASSES[head_architecture(folder)].from_pretrained(folder)
+    through hub/io.py `load_head`. config.json names the class; the class's `from_pretrained` names
+    any damage (missing files, malformed config, mismatched weights)."""
+    try:
+        arch = (json.loads((Path(folder) / "config.json").read_text()).get("architectures") or ["DSparkDraft"])[0]
+    except (OSError, ValueError, AttributeError):
+        arch = "DSparkDraft"
+    if arch not in HEAD_CLASSES:
+        raise DSparkError(f"{Path(folder) / 'config.json'} names architecture '{arch}', "
+                          f"not one of {sorted(HEAD_CLASSES)}")
+    return HEAD_CLASSES[arch].from_pretrained(folder)

@@ -29,7 +29,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
@@ -40,9 +40,9 @@ def pick_device() -> torch.device:
 
 def parse_dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[str(name)]
+        return DTYPES[str(name)]
     except KeyError:
-        raise DSparkError(f"unknown dtype '{name}': use one of {sorted(_DTYPES)}") from None
+        raise DSparkError(f"unknown dtype '{name}': use one of {sorted(DTYPES)}") from None
 
 
 @dataclass

@@ -106,6 +106,7 @@ CASES = [
     ("run", ["max_prompts=0"], "max_prompts"),
     ("run", ["generate.batch_size=0"], "batch_size"),
     ("run", ["+train.max_step=5"], "max_step"),
+    ("run", ["draft.qk_norm=false"], "export.vllm"),
     # every stage: output_dir that is a file, or under a file
     ("generate", ["output_dir={root}/a-file"], "output_dir"),
     ("train", ["output_dir={root}/a-file/sub"], "output_dir"),

@@ -19,7 +19,7 @@ from dspark.hub import io as hub
 from dspark.hub.io import load_head
 
 BENCH = {"target": "tiny", "dtype": "float32", "prompts": 3, "prompt_set": "humaneval", "max_new_tokens": 32,
-         "temperature": 0.0, "gamma": 5, "machine": "testbox 2 cpu", "policy": "verify_all",
+         "temperature": 0.0, "gamma": 5, "machine": "testbox 2 cpu", "policies": ["all", "sched"],
          "methods": {"plain": {"tokens_per_s": 41.25, "speedup_vs_plain": 1.0, "tau": 1.0, "exact_match_rate": 1.0},
                      "dspark": {"tokens_per_s": 57.75, "speedup_vs_plain": 1.4, "tau": 2.3456,
                                 "exact_match_rate": 1.0}}}
@@ -91,7 +91,7 @@ def test_card_carries_the_measured_numbers_and_omits_missing_sections(tiny_targe
     export.run(export_cfg(tmp_path))
     card = (tmp_path / "export" / "README.md").read_text()
     for number in ["2.35", "1.40×", "57.8", "1.877", "1.654", "321 steps", "2048 response tokens", "0.05M",
-                   "testbox 2 cpu", "verify_all"]:
+                   "testbox 2 cpu", "`sched`"]:
         assert number in card, number
     assert card.startswith("---\nlibrary_name: dspark\n") and "speculative-decoding" in card
     assert "value: 2.3456" in card and "value: 1.8765" in card          # Hub metadata metrics

@@ -62,14 +62,19 @@ def test_bad_stage_override_is_one_clear_error(tmp_path):
 def test_train_resumes_from_checkpoints_and_reuses_a_finished_run(tmp_path):
     cfg = pipeline.stage_config(run_cfg(tmp_path), "train")
     (tmp_path / "dataset").mkdir()
-    assert pipeline._decide_train(cfg, tmp_path, same=True) == "run"
+    assert pipeline._decide_train(cfg, tmp_path, same=True, ours=True) == "run"
     (tmp_path / "checkpoints" / "step-0000002").mkdir(parents=True)
-    assert pipeline._decide_train(cfg, tmp_path, same=True) == "resume"
+    assert pipeline._decide_train(cfg, tmp_path, same=True, ours=True) == "resume"
     (tmp_path / "head").mkdir()
     (tmp_path / "head" / "model.safetensors").write_bytes(b"x")
     (tmp_path / "train.json").write_text(json.dumps({"steps": 4, "wall_s": 1.0}))
-    assert pipeline._decide_train(cfg, tmp_path, same=True) == "reuse"
-    assert pipeline._decide_train(cfg, tmp_path, same=False) == "run"      # settings changed: start over
+    assert pipeline._decide_train(cfg, tmp_path, same=True, ours=True) == "reuse"
+    from dspark.core.errors import DSparkError
+
+    with pytest.raises(DSparkError, match="no earlier `dspark run`"):        # checkpoints it did not write
+        pipeline._decide_train(cfg, tmp_path, same=False, ours=False)
+    assert (tmp_path / "checkpoints" / "step-0000002").is_dir()
+    assert pipeline._decide_train(cfg, tmp_path, same=False, ours=True) == "run"   # ours, settings changed
     assert not (tmp_path / "checkpoints").exists()
 
 

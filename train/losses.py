@@ -3,8 +3,9 @@
     α_ce·CE(label) + α_l1·‖p_d − p_t‖₁ + α_conf·BCE(c_k, c*_k),   c*_k = 1 − ½‖p_d − p_t‖₁,
 
 each weighted by w_k = exp(−(k−1)/γ). The L1 distance is twice the total variation distance, so
-c*_k is the probability that a draft sampled from p_d is accepted against p_t. With a reduced draft vocabulary the target's mass outside it
-counts fully in the L1 term (the draft can never propose those tokens) and CE skips labels outside it.
+c*_k is the probability that a draft sampled from p_d is accepted against p_t. With a reduced draft
+vocabulary the target's mass outside it counts fully in the L1 term (the draft can never propose those
+tokens) and CE skips labels outside it.
 """
 from __future__ import annotations
 

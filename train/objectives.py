@@ -1,7 +1,8 @@
 """Training objectives plugged into the one Trainer: `forward_loss(batch, gen) -> (loss_sum, count, stats)`.
 
 Keyed by head architecture: `dspark` heads (DFlash is the DSpark head without its sequential part)
-share one objective; `eagle3` trains the autoregressive EAGLE-3 head with training-time test on the same anchors and target distributions.
+share one objective; `eagle3` trains the autoregressive EAGLE-3 head with training-time test on the
+same anchors and target distributions.
 """
 from __future__ import annotations
 
