@@ -31,7 +31,7 @@ from dspark.inference import Engine
 from dspark.models.target import load_target
 
 from .features import check_layers
-from .sources import iter_prompts
+from .sources import Prompt, bench_prompts, iter_prompts, mix_components, mix_targets
 
 
 def prompt_id(text: str) -> str:
@@ -43,22 +43,53 @@ def is_heldout(text: str, fraction: float) -> bool:
 
 
 def select_prompts(cfg) -> tuple[list[str], list[str], dict]:
-    """(training prompts, held-out prompts, skipped counts), capped at cfg.max_prompts training ones."""
+    """(training prompts, held-out prompts, skipped counts), capped at cfg.max_prompts training ones.
+
+    Prompts are stripped; empty ones, duplicates, over-long ones and every benchmark prompt
+    (HumanEval, MT-bench: sources.bench_prompts) are skipped and counted; the held-out split is by a
+    hash of the text. A `mix` takes its components in order (by source: all of the first, then the
+    second, ...), each until it has given its count of training prompts, deduplicated across sources
+    (an earlier component keeps a shared prompt). Each prompt is a `Prompt` carrying its source name."""
+    from omegaconf import OmegaConf
+
     d, seen, train, heldout = cfg.data, set(), [], []
-    skipped = {"empty": 0, "duplicate": 0, "too_long_chars": 0, "too_long_tokens": 0}
-    for text in iter_prompts(d):
-        text = text.strip()
-        if not text:
-            skipped["empty"] += 1
-        elif text in seen:
-            skipped["duplicate"] += 1
-        elif len(text) > d.max_chars:
-            skipped["too_long_chars"] += 1
-        else:
-            seen.add(text)
-            (heldout if is_heldout(text, cfg.heldout_fraction) else train).append(text)
-            if cfg.max_prompts and len(train) >= cfg.max_prompts:
-                break
+    skipped = {"empty": 0, "duplicate": 0, "bench_overlap": 0, "too_long_chars": 0, "too_long_tokens": 0}
+    bench = bench_prompts()
+    if d.source == "mix":
+        parts = mix_components(OmegaConf.to_container(d.sources, resolve=True))
+        wants = mix_targets(parts, cfg.max_prompts)
+    else:
+        parts, wants = [{"source": d.source, "name": d.source}], [cfg.max_prompts]
+    for i, (part, want) in enumerate(zip(parts, wants)):
+        if want == 0:
+            continue
+        src_cfg = OmegaConf.create({k: v for k, v in part.items() if k not in ("count", "weight", "name")}) \
+            if d.source == "mix" else d
+        max_chars, got = part.get("max_chars") or d.max_chars, 0
+        for text in iter_prompts(src_cfg):
+            text = text.strip()
+            if not text:
+                skipped["empty"] += 1
+            elif text in seen:
+                skipped["duplicate"] += 1
+            elif len(text) > max_chars:
+                skipped["too_long_chars"] += 1
+            elif bench.overlaps(text):
+                skipped["bench_overlap"] += 1
+            else:
+                seen.add(text)
+                text = Prompt(text, part["name"])
+                if is_heldout(text, cfg.heldout_fraction):
+                    heldout.append(text)
+                else:
+                    train.append(text)
+                    got += 1
+                    if want and got >= want:
+                        break
+        if d.source == "mix" and got < want:
+            raise DSparkError(f"data.sources[{i}] ({part['name']}) ran short: it gave {got} of its {want} training "
+                              f"prompts ({want - got} short after dedupe, filters and the held-out split): "
+                              f"lower its count (or max_prompts) or add prompts to that source")
     if not train:
         raise DSparkError(f"prompt source '{d.source}' gave no usable prompts: check data.path and the filters")
     return train, heldout, skipped
@@ -116,7 +147,8 @@ def run(cfg) -> dict:
             chunks.mkdir(parents=True, exist_ok=True)
             write_json_atomic(chunks / "settings.json", _row_settings(want))
             write_text_atomic(out / "heldout.jsonl", "".join(
-                json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": cfg.data.source}) + "\n"
+                json.dumps({"prompt_id": prompt_id(t), "prompt": t, "source": getattr(t, "source", cfg.data.source)})
+                + "\n"
                 for t in heldout))
         acc.wait_for_everyone()
         t0 = time.perf_counter()
@@ -210,7 +242,8 @@ def _generate_slice(cfg, engine: Engine, texts: list[str], chunks: Path, done: s
     def finished(i: int, state) -> None:
         nonlocal made
         (text, ids), out = todo[i], state.generated
-        buffer.append({"prompt_id": prompt_id(text), "source": cfg.data.source, "prompt_tokens": len(ids),
+        buffer.append({"prompt_id": prompt_id(text), "source": getattr(text, "source", cfg.data.source),
+                       "prompt_tokens": len(ids),
                        "input_ids": ids + out, "finish": state.finish_reason})
         made += len(out)
         bar.update(1)

