@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dspark.core.errors import DSparkError
-from dspark.core.methods import DRAFTER_FREE
+from dspark.core.methods import DRAFTER_FREE, split_policy
 from dspark.models.heads import HEADS
 from dspark.models.target import DTYPES as TARGET_DTYPES
 
@@ -114,13 +114,14 @@ class Either(Rule):
 
 
 class Policy(Rule):
-    """A verification policy name, as inference/policy.py's `parse_policy` reads it."""
+    """A verification policy name, as inference/policy.py's `parse_policy` reads it, optionally prefixed
+    `lookup+` (the head combined with prompt lookup, core/methods.py `split_policy`)."""
 
     def ok(self, v) -> bool:
         from dspark.inference.policy import parse_policy
 
         try:
-            parse_policy(v)
+            parse_policy(split_policy(v)[1])
         except ValueError:
             return False
         return True
@@ -128,7 +129,21 @@ class Policy(Rule):
     def describe(self) -> str:
         from dspark.inference.policy import POLICIES
 
-        return POLICIES
+        return POLICIES + ", each optionally prefixed lookup+ (lookup alone = lookup+all)"
+
+
+class MixSources(Rule):
+    """`data.sources` of `data=mix`: checked by data/sources.py's `mix_components`, whose one error line
+    names the bad component (unknown source, count < 1, count and weight, missing path, ...)."""
+
+    def ok(self, v) -> bool:
+        from dspark.data.sources import mix_components
+
+        mix_components(v)
+        return True
+
+    def describe(self) -> str:
+        return "a list of {source: <name>, count: <n >= 1>} (or weight: <w > 0>)"
 
 
 PIPELINE = ("generate", "train", "calibrate", "bench", "export")   # the stages of `dspark run`, in order
@@ -143,7 +158,8 @@ COMMON = {"seed": Int(0), **TARGET}
 RULES: dict[str, dict] = {
     "generate": {
         **COMMON,
-        "data.source": Choice(("sharegpt", "jsonl", "hf")), "data.max_chars": Int(1),
+        "data.source": Choice(("sharegpt", "code", "gsm8k", "jsonl", "hf", "mix")), "data.max_chars": Int(1),
+        "data.sources": MixSources(),
         "max_prompts": Int(1, null=True), "heldout_fraction": SHARE, "max_new_tokens": Int(1),
         "temperature": TEMPERATURE, "top_p": TOP_P, "batch_size": Int(1), "chunk_size": Int(1),
         "max_prompt_tokens": Int(1), "cache_features": Bool(), "feature_layers": Each(Int(0), 1, null=True),

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic, write_text_atomic
-from dspark.core.methods import Method
+from dspark.core.methods import Method, split_policy
 from dspark.hub.io import is_repo_ref, load_head
-from dspark.inference import Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
+from dspark.inference import CombinedDrafter, Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
 from dspark.models.target import check_head_target, load_target
@@ -118,7 +118,7 @@ class Bench:
         self.streams: dict[int, list[int]] = {}
         self.margins: list[list[float]] = []
         self.cost = None
-        if self.heads and any(p == "sched" for p in cfg.policies):
+        if self.heads and any(split_policy(p)[1] == "sched" for p in cfg.policies):
             s = cfg.sched
             self.cost = step_cost_profile(target, max(cfg.concurrency), cfg.gamma + 1, s.profile_dir,
                                           context=s.profile_context, repeats=s.profile_repeats,
@@ -126,9 +126,11 @@ class Bench:
 
     def methods(self) -> list[Method]:
         """At R=1: plain, the configured drafter-free methods, then every trained head under every
-        policy (named `dspark` = verify-all, `dspark+sched`, `dspark+threshold`, `dspark+gamma1`, …)."""
+        policy (named `dspark` = verify-all, `dspark+sched`, `dspark+threshold`, `dspark+gamma1`, …); a
+        `lookup+<policy>` entry adds the head combined with prompt lookup (`dspark+lookup+sched`)."""
         out = [Method()] + [Method(m) for m in self.cfg.methods if m != "plain"]
-        return out + [Method(head, p) for head in self.heads for p in self.cfg.policies]
+        return out + [Method(head, policy, combined=combined) for head in self.heads
+                      for combined, policy in map(split_policy, self.cfg.policies)]
 
     def gamma(self, method: Method) -> int:
         """Drafted tokens per step: a trained head's own γ, capped by bench's `gamma` (a drafter is never
@@ -149,6 +151,8 @@ class Bench:
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
         elif method.trained:
             drafter = drafter_for(self.heads[method.head], self.target, temperature=c.temperature, seed=c.seed)
+            if method.combined == "lookup":
+                drafter = CombinedDrafter(drafter, c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
             policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit)
         return Engine(self.target, drafter, policy=policy, gamma=self.gamma(method), temperature=c.temperature,
                       top_p=c.top_p, record_margins=record)
