@@ -168,7 +168,7 @@ class SlotCache(Cache):
         self.valid = flags[:, s - width:].bool()
 
     def truncate(self, n: int) -> None:
-        """Drop the last n slots of every row (used by the step-cost profiler)."""
+        """Drop the last n slots of every row (slots every row rejected; the step-cost profiler)."""
         for layer in self.layers:
             if layer.is_initialized and layer.length:
                 layer.length -= n

@@ -16,26 +16,55 @@ from .drafters import HeadDrafter, Proposal
 class DSparkDrafter(HeadDrafter):
     def __init__(self, head: DSparkDraft, target, temperature: float = 0.0, seed: int = 0):
         super().__init__(head, target, temperature, seed)
-        self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # rid → per layer (1, n, kv, hd)
+        # rid → per layer [keys, values] buffers (1, capacity, kv, hd), filled up to self.length[rid]:
+        # they grow by doubling, so a step writes only its new positions
+        self.kv: dict[int, list[list[torch.Tensor]]] = {}
+        self.length: dict[int, int] = {}
 
     @torch.no_grad()
     def _extend(self, rid: int, feats: torch.Tensor | None) -> None:
-        if feats is None:
+        if feats is None or (not len(feats) and rid in self.kv):
             return
-        start = self._length(rid)
-        pos = torch.arange(start, start + len(feats), device=feats.device)[None]
+        start, n = self._length(rid), len(feats)
+        pos = torch.arange(start, start + n, device=feats.device)[None]
         new = self.head.context_kv(self.head.project_context(feats[None]), pos)
-        old = self.kv.get(rid)
-        self.kv[rid] = new if old is None else [(torch.cat([k0, k1], 1), torch.cat([v0, v1], 1))
-                                               for (k0, v0), (k1, v1) in zip(old, new)]
+        bufs = self.kv.get(rid)
+        if bufs is None or bufs[0][0].shape[1] < start + n:
+            cap = max(2 * (start + n), 64)
+            grown = [[k.new_empty((1, cap, *k.shape[2:])) for k in kv] for kv in new]
+            for old, fresh in zip(bufs or [], grown):
+                for o, f in zip(old, fresh):
+                    f[:, :start] = o[:, :start]
+            self.kv[rid] = bufs = grown
+        for buf, kv in zip(bufs, new):
+            for b, x in zip(buf, kv):
+                b[:, start:start + n] = x
+        self.length[rid] = start + n
 
     def _length(self, rid: int) -> int:
         """Context positions cached for a request (the anchor's position)."""
-        return self.kv[rid][0][0].shape[1] if rid in self.kv else 0
+        return self.length.get(rid, 0)
+
+    def _context(self, rids: list[int], lens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer the (R, width, kv, hd) keys and values of the requests, zero-padded on the right
+        (views of the buffers when there is one request)."""
+        width = max(lens)
+        if len(rids) == 1:
+            return [(k[:, :width], v[:, :width]) for k, v in self.kv[rids[0]]]
+        out = []
+        for layer_idx in range(len(self.head.layers)):
+            k0 = self.kv[rids[0]][layer_idx][0]
+            ks = k0.new_zeros((len(rids), width, *k0.shape[2:]))
+            vs = torch.zeros_like(ks)
+            for j, (rid, n) in enumerate(zip(rids, lens)):
+                k, v = self.kv[rid][layer_idx]
+                ks[j, :n], vs[j, :n] = k[0, :n], v[0, :n]
+            out.append((ks, vs))
+        return out
 
     def start(self, states, features):
         for i, s in enumerate(states):
-            self.kv.pop(s.rid, None)
+            self.finish(s)
             feats = features[i] if features is not None else torch.zeros(0, self.head.context_proj.in_features)
             self._extend(s.rid, feats.to(self.head.context_proj.weight.device))
 
@@ -45,21 +74,14 @@ class DSparkDrafter(HeadDrafter):
 
     def finish(self, state):
         self.kv.pop(state.rid, None)
+        self.length.pop(state.rid, None)
 
     def propose_rows(self, states, limits, rows, out):
         head, g = self.head, self.head.config.gamma
         dev = head.context_proj.weight.device
         lens = [self._length(states[i].rid) for i in rows]
         width = max(lens)
-        kv = []
-        for layer_idx in range(len(head.layers)):
-            ks, vs = [], []
-            for i, n in zip(rows, lens):
-                k, v = self.kv[states[i].rid][layer_idx]
-                pad = width - n
-                ks.append(torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)))
-                vs.append(torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)))
-            kv.append((torch.cat(ks), torch.cat(vs)))
+        kv = self._context([states[i].rid for i in rows], lens)
         anchors = torch.tensor([states[i].tokens[-1] for i in rows], device=dev)
         pos = block_positions(torch.tensor([len(states[i].tokens) - 1 for i in rows], device=dev), g)
         ctx_ok = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]

@@ -226,11 +226,13 @@ class Engine:
         props = [Proposal(p.tokens[:n], None if p.probs is None else p.probs[:n],
                           None if p.confidences is None else p.confidences[:n])
                  for p, n in zip(props, lengths)]
-        dt = time.perf_counter() - t
+        self._charge_draft(stats, time.perf_counter() - t)
+        return props
+
+    def _charge_draft(self, stats: Stats, dt: float) -> None:
         stats.t_draft += dt
         if not self.drafter.charged:
             stats.t_uncharged += dt
-        return props
 
     def _step(self, active: list[RequestState], cache: SlotCache, stats: Stats) -> None:
         props = self._propose(active, stats)
@@ -255,7 +257,11 @@ class Engine:
         stats.forwards += 1
 
         n_acc, extra = self._verify(logits, ids, lengths, props, active)
-        keep_slots = offs[None, :] <= n_acc[:, None]
+        # slots rejected in every row are dropped (at R=1: all of them, so no holes); the rest become holes
+        cut = width - 1 - int(n_acc.max())
+        if cut:
+            cache.truncate(cut)
+        keep_slots = offs[None, :width - cut] <= n_acc[:, None]
         cache.set_valid_tail(keep_slots.to(self.device))
         feats = self._features(out)
         now = self._now(stats)
@@ -276,9 +282,11 @@ class Engine:
                 self.timings[s.rid].first_token = now
             self._append(s, new, now)
         stats.tokens += sum(len(s.generated) for s in active if s.done)
-        if self.drafter is not None:
+        if self.drafter is not None:   # the drafter's own bookkeeping is drafting time
+            t = time.perf_counter()
             self.drafter.update(active, accepted, None if feats is None else
                                 [feats[i, :k + 1] for i, k in enumerate(accepted)])
+            self._charge_draft(stats, time.perf_counter() - t)
 
     def _verify(self, logits, ids, lengths, props, active):
         if self.temperature == 0:

@@ -15,6 +15,8 @@ never be drafted, so verification counts it as a rejection.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -86,10 +88,15 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+@functools.lru_cache(maxsize=8)
+def _inv_freq(d: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+
+
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (Llama's rotate-half layout). x: (B, N, h, d); pos: (B, N)."""
     d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    inv = _inv_freq(d, float(theta), x.device)
     ang = pos.float()[..., None] * inv                               # (B, N, d/2)
     cos, sin = torch.cat([ang, ang], -1).cos()[:, :, None], torch.cat([ang, ang], -1).sin()[:, :, None]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -126,9 +133,8 @@ class Attention(nn.Module):
         kb, vb = self.kv_of(x, pos)
         k = torch.cat([ctx_kv[0], kb], 1).transpose(1, 2)              # (B, kv, C+Q, hd)
         v = torch.cat([ctx_kv[1], vb], 1).transpose(1, 2)
-        rep = self.h // self.kv
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        out = F.scaled_dot_product_attention(qs.transpose(1, 2), k, v, attn_mask=mask[:, None])
+        out = F.scaled_dot_product_attention(qs.transpose(1, 2), k, v, attn_mask=mask[:, None],
+                                             enable_gqa=self.h != self.kv)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
 
@@ -282,7 +288,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
 
     # ------------------------------------------------------------------ heads
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.lm_weight.t().to(h.dtype)                         # (…, Vd)
+        return F.linear(h, self.lm_weight.to(h.dtype))                    # (…, Vd)
 
     def prev_embedding(self, prev_draft_ids: torch.Tensor) -> torch.Tensor | None:
         return self.token_embed(prev_draft_ids) if self.config.sequential_head != "none" else None

@@ -99,9 +99,9 @@ class DraftHeadBase:
         if bad:
             raise DSparkError(f"target layer ids {bad} are out of range for a {target.num_layers}-layer target "
                               f"(hidden_states indices 0..{target.num_layers})")
-        dev = next(self.parameters()).device
+        dev, dtype = next(self.parameters()).device, next(self.parameters()).dtype
         self.embed_weight = m.get_input_embeddings().weight.detach().to(dev)
-        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(dev, torch.float32)
+        self.lm_weight = m.get_output_embeddings().weight.detach()[self.d2t.to(m.device)].to(dev, dtype)
         return self
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32,

@@ -1,0 +1,52 @@
+"""The runtime's cost cuts keep their promises: the head drafts in the target's dtype, rejected tails are
+truncated instead of left as holes, and the drafter's growing context buffers equal a from-scratch context."""
+import torch
+
+from conftest import tiny_head, tiny_target_cfg
+
+from dspark.inference import Engine, drafter_for
+from dspark.inference.cache import SlotCache
+
+
+def test_head_drafts_in_the_target_dtype():
+    from dspark.models.target import load_target
+
+    cfg = tiny_target_cfg()
+    cfg.dtype = "bfloat16"
+    target = load_target(cfg)
+    drafter = drafter_for(tiny_head(target), target)
+    assert {p.dtype for p in drafter.head.parameters()} == {torch.bfloat16}
+    assert drafter.head.lm_weight.dtype == torch.bfloat16
+    res = Engine(target, drafter, gamma=4).generate([target.encode_chat("hi there")], 12)
+    assert len(res.outputs[0]) == 12
+
+
+def test_single_request_never_needs_compaction(tiny_target, tiny_prompts, monkeypatch):
+    """At R=1 every rejected slot is dropped, so the cache has no holes to compact (a random head is
+    rejected almost always, which without truncation fills the cache with holes within a few steps)."""
+    compactions = []
+    monkeypatch.setattr(SlotCache, "compact", lambda self: compactions.append(self.num_slots))
+    engine = Engine(tiny_target, drafter_for(tiny_head(tiny_target), tiny_target), gamma=5, compact_fraction=0.0)
+    res = engine.generate(tiny_prompts[1:2], 40, eos_token_ids=[])
+    assert res.stats.drafted > res.stats.accepted + 20 and not compactions
+    plain = Engine(tiny_target).generate(tiny_prompts[1:2], 40, eos_token_ids=[])
+    assert res.outputs == plain.outputs
+
+
+def test_incremental_context_equals_a_fresh_start(tiny_target, tiny_prompts):
+    """After a run, the drafter's buffered context (built step by step, grown by doubling) proposes what
+    a drafter started from the whole sequence's features at once proposes."""
+    head = tiny_head(tiny_target)
+    drafter = drafter_for(head, tiny_target)
+    kept = {}
+    drafter.finish = lambda state: kept.setdefault("state", state)   # keep the buffers after the run
+    Engine(tiny_target, drafter, gamma=5).generate(tiny_prompts[2:3], 70, eos_token_ids=[])   # > 64: grows
+    state = kept["state"]
+    assert drafter._length(state.rid) == len(state.tokens) - 1
+    ids = torch.tensor([state.tokens[:-1]])
+    feats, _ = tiny_target.features(ids, list(head.config.target_layer_ids))
+    fresh = drafter_for(head, tiny_target)
+    fresh.start([state], [feats[0]])
+    a, b = drafter.propose([state], [5])[0], fresh.propose([state], [5])[0]
+    assert a.tokens == b.tokens
+    assert torch.allclose(torch.tensor(a.confidences), torch.tensor(b.confidences), atol=1e-4)
