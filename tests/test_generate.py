@@ -132,23 +132,23 @@ def test_two_processes_give_the_same_set(tmp_path):
 
 
 def test_feature_cache_holds_the_targets_hidden_states(tmp_path, tiny_target):
-    from safetensors.torch import load_file
+    from dspark.data.features import FeatureStore
 
     f = jsonl(tmp_path, PROMPTS[:4])
     out = tmp_path / "f"
     summary = run(cfg_for(out, "data=jsonl", f"data.path={f}", "heldout_fraction=0", "cache_features=true",
                           "feature_layers=[1,3]"))
-    assert summary["features"]["files"] == 2 and summary["features"]["bytes"] > 0
+    assert summary["features"]["files"] == 1 and summary["features"]["bytes"] > 0   # one store shard (data/features.py)
     rows = [json.loads(line) for c in sorted((out / "chunks").glob("*.jsonl")) for line in c.read_text().splitlines()]
-    tensors = {}
-    for c in (out / "features").glob("*.safetensors"):
-        tensors.update(load_file(str(c)))
+    store = FeatureStore(out / "features", "tiny", [1, 3], tiny_target.hidden_size)
+    assert not store.missing(rows)
     row = rows[0]
+    layers, last = store.get(row["prompt_id"], len(row["input_ids"]))
     with torch.no_grad():
         res = tiny_target.model(torch.tensor([row["input_ids"]]), output_hidden_states=True)
     want = torch.cat([res.hidden_states[1][0], res.hidden_states[3][0]], -1)
-    torch.testing.assert_close(tensors[f"{row['prompt_id']}.layers"].float(), want, atol=0.05, rtol=0.02)
-    logits = tiny_target.model.lm_head(tensors[f"{row['prompt_id']}.last"].float())
+    torch.testing.assert_close(layers.float(), want, atol=0.05, rtol=0.02)
+    logits = tiny_target.model.lm_head(last.float())
     assert (logits.argmax(-1) == res.logits[0].argmax(-1)).float().mean() > 0.9   # bf16 storage
 
 

@@ -26,7 +26,7 @@ from dspark.data.dataset import load_rows, split
 from dspark.models.heads import build_head
 from dspark.models.target import load_target
 
-from .data import FeatureSource, cache_files, collate, draft_vocabulary
+from .data import FeatureSource, cache_files, check_store_dir, collate, draft_vocabulary
 from .losses import expected_tau, lr_factor
 from .objectives import OBJECTIVES
 
@@ -39,7 +39,7 @@ from .objectives import OBJECTIVES
 # selection, max_steps: the LR schedule depends on it) must match.
 RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "save_every", "keep_checkpoints",
                             "logger", "features", "features_dir", "features_memory_gb", "feature_batch_size",
-                            "output_dir", "data_dir", "target.cache_dir", "hydra"})
+                            "features_dtype", "output_dir", "data_dir", "target.cache_dir", "hydra"})
 
 
 def run_settings(cfg) -> dict:
@@ -82,13 +82,16 @@ class Trainer:
         self.last_ckpt = self.resume_from
         if cfg.features == "cache":
             cache_files(cfg.features_dir, required=True)
+        if cfg.features == "store":
+            check_store_dir(cfg.features_dir)
         self.target = load_target(cfg.target, device=self.acc.device)
         rows = load_rows(cfg.data_dir, cfg.max_seq_len, self.target.vocab_size, target=self.target.name)
         self.train_rows, self.val_rows = split(rows, cfg.val_fraction)
         d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
         self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
         c = self.head.config
-        self.features = FeatureSource(self.target, c.target_layer_ids, cfg.features_dir, cfg.features)
+        self.features = FeatureSource(self.target, c.target_layer_ids, cfg.features_dir, cfg.features,
+                                      cfg.features_dtype)
         self._maybe_precompute()
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -101,22 +104,10 @@ class Trainer:
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
 
     def _maybe_precompute(self) -> None:
-        cfg, f = self.cfg, self.features
-        rows = self.train_rows + self.val_rows
-        if cfg.features == "cache":
-            missing = sum(r["prompt_id"] not in f.files for r in rows)
-            if missing:
-                raise DSparkError(f"features=cache but the feature cache in {cfg.features_dir} lacks {missing} of the "
-                                  f"dataset's {len(rows)} rows: regenerate it (dspark generate cache_features=true) "
-                                  "or use features=auto")
-        if f.mode == "cache" or cfg.features == "online":
-            return
-        need = sum(len(r["input_ids"]) for r in rows) * f.bytes_per_token() / 2**30
-        if need <= cfg.features_memory_gb:
-            f.precompute(rows, cfg.feature_batch_size, disable_bar=not self.acc.is_main_process)
-        elif cfg.features == "memory":
-            raise DSparkError(f"features=memory needs {need:.1f} GB > features_memory_gb={cfg.features_memory_gb}: "
-                              "raise the limit, use features=online, or cache features in dspark generate")
+        """Where target features come from (train/data.py FeatureSource.prepare); a store is built here."""
+        cfg, acc = self.cfg, self.acc
+        self.features.prepare(self.train_rows + self.val_rows, cfg.features_memory_gb, cfg.feature_batch_size,
+                              acc.process_index, acc.num_processes, acc.wait_for_everyone, acc.is_main_process)
 
     # ------------------------------------------------------------------ data order
     def _epoch_batches(self, epoch: int) -> list[list[dict]]:
@@ -280,10 +271,10 @@ class Trainer:
         if saved is None:   # written before checkpoints recorded their settings
             if self.acc.is_main_process:
                 tqdm.write(f"note: {latest} records no settings; resuming without comparing them")
-        elif saved != self.settings:
-            now = self.settings
-            diff = ", ".join(f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
-                             for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k))
+        # a setting added since the checkpoint was written counts as unchanged while it is null (its default)
+        elif diff := ", ".join(f"{k}: {saved.get(k, '(unset)')!r} -> {self.settings.get(k, '(unset)')!r}"
+                               for k in sorted(saved.keys() | self.settings.keys())
+                               if saved.get(k) != self.settings.get(k)):
             raise DSparkError(f"resume=true but {latest} was written with other settings ({diff}): resume with the "
                               "same settings, or pass a new output_dir= to start over")
         return latest
