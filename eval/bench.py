@@ -25,6 +25,7 @@ from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
 from dspark.models.target import check_head_target, load_target
 
+from .arrivals import run_arrivals
 from .prompts import load_prompts
 from .report import load_summary, markdown, write_plots
 
@@ -71,6 +72,8 @@ def run(cfg) -> dict:
         "policies": list(cfg.policies), "step_cost": bench.cost.to_json() if bench.cost else None,
         "methods": methods,
     }
+    if cfg.load.rates:   # requests arriving at each rate, joining the running batch (eval/arrivals.py)
+        report["arrivals"] = run_arrivals(bench, reference[1])
     report["plots"] = write_plots(report, out_dir)
     if len(cfg.concurrency) > 1:
         report["load"] = load_summary(report)
@@ -120,7 +123,8 @@ class Bench:
         self.cost = None
         if self.heads and any(split_policy(p)[1] == "sched" for p in cfg.policies):
             s = cfg.sched
-            self.cost = step_cost_profile(target, max(cfg.concurrency), cfg.gamma + 1, s.profile_dir,
+            rows = max(list(cfg.concurrency) + ([cfg.load.max_batch] if cfg.load.rates else []))
+            self.cost = step_cost_profile(target, rows, cfg.gamma + 1, s.profile_dir,
                                           context=s.profile_context, repeats=s.profile_repeats,
                                           reprofile=s.reprofile)
 

@@ -1,4 +1,5 @@
-"""Bench reports: the Markdown tables, the load summary (throughput vs per-user speed) and the PNGs."""
+"""Bench reports: the Markdown tables, the load summary (throughput vs per-user speed), the arrivals
+table and the PNGs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,7 +48,35 @@ def markdown(report: dict) -> str:
                 cells = [_fmt(row["ratio"].get(m), ".2f") + ("×" if row["ratio"].get(m) is not None else "")
                          for m in load["matched"]["methods"]]
                 lines.append(f"| {row['concurrency']} | {row['aggregate']:.0f} | " + " | ".join(cells) + " |")
+    if report.get("arrivals"):
+        lines += arrivals_markdown(report["arrivals"])
     return "\n".join(lines)
+
+
+def arrivals_markdown(a: dict) -> list[str]:
+    """The arrivals table (eval/arrivals.py): per method and rate, then sched vs gamma1."""
+    lines = ["", f"Arrivals: {a['requests']} requests per rate (Poisson, seed {a['seed']}), at most "
+             f"{a['max_batch']} at once; latency = finished − arrival, queue = admitted − arrival", "",
+             "| method | rate req/s | tok/s | per-user tok/s | latency mean / p90 s | queue s | TTFT s | τ "
+             "| identical |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in a["methods"].items():
+        for p in row["points"]:
+            same = {True: "yes", False: f"no ({p['divergences']})", None: "–"}[p["identical_to_plain"]]
+            lines.append(f"| {name} | {p['rate']:g} | {p['tokens_per_s']:.1f} | {p['per_user_tokens_per_s']:.1f} | "
+                         f"{p['mean_latency_s']:.2f} / {p['p90_latency_s']:.2f} | {p['mean_queue_s']:.2f} | "
+                         f"{p['mean_ttft_s']:.2f} | {p['tau']:.2f} | {same} |")
+    for cmp in a.get("sched_vs_gamma1") or []:
+        lines += ["", f"{cmp['sched']} vs {cmp['gamma1']} under arrivals: per-user tokens/s ratio at the same rate, "
+                  f"and at {cmp['gamma1']}'s aggregate throughput ({cmp['sched']}'s curve interpolated)", "",
+                  "| rate req/s | gamma1 tok/s | gamma1 per-user | sched tok/s | sched per-user | same rate "
+                  "| matched throughput |", "|---|---|---|---|---|---|---|"]
+        for r in cmp["rows"]:
+            m = r["ratio_matched_throughput"]
+            matched = "–" if m is None else f"{m:.2f}×"
+            lines.append(f"| {r['rate']:g} | {r['gamma1_tokens_per_s']:.1f} | {r['gamma1_per_user']:.1f} | "
+                         f"{r['sched_tokens_per_s']:.1f} | {r['sched_per_user']:.1f} | {r['ratio_same_rate']:.2f}× "
+                         f"| {matched} |")
+    return lines
 
 
 def load_summary(report: dict) -> dict:
@@ -94,7 +123,7 @@ def per_user_at(points: list[dict], aggregate: float) -> float | None:
 
 
 def write_plots(report: dict, out_dir: Path) -> dict:
-    """acceptance_by_position.png (R=1 drafters) and, with several R, frontier.png."""
+    """acceptance_by_position.png (R=1 drafters), with several R frontier.png, with arrivals arrivals.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +158,19 @@ def write_plots(report: dict, out_dir: Path) -> dict:
         ax.set_title("throughput vs per-user speed (up and right is better)", fontsize=9)
         ax.legend(fontsize=7)
         paths["frontier"] = _save(fig, out_dir / "frontier.png")
+    if report.get("arrivals"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, row in report["arrivals"]["methods"].items():
+            pts = row["points"]
+            ax.plot([p["tokens_per_s"] for p in pts], [p["per_user_tokens_per_s"] for p in pts], "o-", ms=3, label=name)
+            for p in pts:
+                ax.annotate(f"{p['rate']:g}/s", (p["tokens_per_s"], p["per_user_tokens_per_s"]), fontsize=6)
+        ax.set_xlabel("aggregate tokens/s")
+        ax.set_ylabel("per-user tokens/s")
+        ax.set_title(f"Poisson arrivals ({report['arrivals']['requests']} requests per rate, "
+                     f"≤ {report['arrivals']['max_batch']} at once)", fontsize=9)
+        ax.legend(fontsize=7)
+        paths["arrivals"] = _save(fig, out_dir / "arrivals.png")
     return paths
 
 

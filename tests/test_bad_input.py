@@ -95,6 +95,11 @@ CASES = [
     ("bench", ["target.name_or_path={root}/no-model"], "trained for target"),
     ("bench", ["target.name_or_path={root}/no-model", "head=null"], "does not exist"),
     ("bench", ["not_a_key=1"], "not_a_key"),
+    ("bench", ["load.rates=[0.5,-1]"], "load.rates"),
+    ("bench", ["load.rates=[0]"], "load.rates"),
+    ("bench", ["load.requests=0"], "load.requests"),
+    ("bench", ["load.max_batch=0"], "load.max_batch"),
+    ("bench", ["load.seed=-1"], "load.seed"),
     # export
     ("export", ["export_dir={out}"], "export_dir"),
     ("export", ["export_dir={root}/a-file"], "export_dir"),
