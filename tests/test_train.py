@@ -24,11 +24,26 @@ FAST = ["target=tiny", "draft=tiny", "logger=none", "batch_size=2", "anchors_per
 @pytest.mark.parametrize("stage,overrides", [
     ("train", ["draft=tiny"]), ("train", ["draft=small"]), ("train", ["draft=base"]), ("train", ["draft=dflash"]),
     ("train", ["logger=none"]), ("train", ["experiment=quick"]), ("train", ["experiment=full"]),
+    ("train", ["experiment=paper"]),
     ("bench", []), ("generate", ["data=hf"]), ("generate", ["data=jsonl"]), ("bench", ["prompts=mtbench"]),
 ])
 def test_config_groups_compose(stage, overrides):
     cfg = compose_cfg(stage, *overrides)
     assert cfg.output_dir and cfg.seed == 0
+
+
+def test_position_weight_decay_setting_reaches_the_loss():
+    from dspark.train.losses import block_losses, position_weights
+
+    assert torch.allclose(position_weights(7), torch.exp(-torch.arange(7.0) / 7))
+    assert torch.allclose(position_weights(7, decay=4), torch.exp(-torch.arange(7.0) / 4))
+    torch.manual_seed(0)
+    args = (torch.randn(3, 7, 10), torch.randn(3, 7), torch.randn(3, 7, 12), torch.randint(0, 10, (3, 7)),
+            torch.ones(3, 7, dtype=torch.bool), torch.arange(10))
+    alpha = {"ce": 0.1, "l1": 0.9, "conf": 1.0}
+    assert block_losses(*args, {**alpha, "decay": 4})["loss"] < block_losses(*args, alpha)["loss"]
+    cfg = compose_cfg("train", "experiment=paper")
+    assert (cfg.loss.decay, cfg.draft.num_layers, cfg.draft.head_rank, cfg.draft.draft_vocab_size) == (4, 5, 256, 0)
 
 
 def test_overfits_a_fixed_batch(data_dir, tmp_path):

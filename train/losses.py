@@ -2,7 +2,7 @@
 
     α_ce·CE(label) + α_l1·‖p_d − p_t‖₁ + α_conf·BCE(c_k, c*_k),   c*_k = 1 − ½‖p_d − p_t‖₁,
 
-each weighted by w_k = exp(−(k−1)/γ). The L1 distance is twice the total variation distance, so
+each weighted by w_k = exp(−(k−1)/d), d = `loss.decay` (default γ; the paper uses 4). The L1 distance is twice the total variation distance, so
 c*_k is the probability that a draft sampled from p_d is accepted against p_t. With a reduced draft
 vocabulary the target's mass outside it counts fully in the L1 term (the draft can never propose those
 tokens) and CE skips labels outside it.
@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def position_weights(gamma: int, device=None) -> torch.Tensor:
-    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / gamma)
+def position_weights(gamma: int, device=None, decay: float | None = None) -> torch.Tensor:
+    """w_k = exp(−(k−1)/decay) for k = 1..γ; decay None means γ."""
+    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / (decay or gamma))
 
 
 def block_losses(draft_logits, conf_logits, target_logits, labels_draft, valid, d2t, alpha: dict) -> dict:
@@ -33,7 +34,7 @@ def block_losses(draft_logits, conf_logits, target_logits, labels_draft, valid, 
     in_vocab = labels_draft < vd
     ce = -logp_d.gather(-1, labels_draft.clamp_max(vd - 1)[..., None])[..., 0] * in_vocab
     bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
-    w = position_weights(draft_logits.shape[1], draft_logits.device) * valid
+    w = position_weights(draft_logits.shape[1], draft_logits.device, alpha.get("decay")) * valid
     loss = (alpha["ce"] * ce + alpha["l1"] * l1 + alpha["conf"] * bce) * w
     greedy = (draft_logits.argmax(-1) == p_t.argmax(-1)) \
         & (p_t.max(-1).values >= p_t_full.max(-1).values)                        # target argmax inside vocab

@@ -54,7 +54,7 @@ class Eagle3Objective(BlockObjective):
     """EAGLE-3 training-time test on the same packed anchors: from each anchor the drafter runs γ steps,
     feeding its own output back as the next step's feature (models/eagle3.py), and step k is trained
     towards the target's distribution of x_{n+k}: forward KL to the target softmax restricted to the
-    draft vocabulary and renormalised (EAGLE-3's loss), weighted by w_k = exp(−(k−1)/γ). Validation
+    draft vocabulary and renormalised (EAGLE-3's loss), weighted by w_k (`loss.decay`, train/losses.py). Validation
     stats (expected τ, greedy τ, L1, CE) are those of `block_losses`; the confidence reported is the
     draft's top probability, so `bce` measures how well that works as a survival estimate. There is no
     draft entry for x_0 (speculators / vLLM convention, models/eagle3.py), so a block anchored at
@@ -75,7 +75,7 @@ class Eagle3Objective(BlockObjective):
             p_t = F.softmax(target_logits.float(), -1)[..., head.d2t]
             p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(1e-12)
         kl = (p_t * (p_t.clamp_min(1e-12).log() - logp_d)).sum(-1)             # (N, γ)
-        out["loss"] = (kl * position_weights(g, kl.device) * valid).sum()
+        out["loss"] = (kl * position_weights(g, kl.device, self.alpha.get("decay")) * valid).sum()
         return out["loss"], out["count"], out
 
 
