@@ -26,7 +26,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from dspark.core.errors import DSparkError
-from dspark.core.files import folder_lock
+from dspark.core.files import folder_lock, write_json_atomic
 from dspark.models.dspark import default_layer_ids
 
 FORMAT, VERSION = "dspark-feature-store", 1
@@ -81,15 +80,6 @@ def cache_features(target, layers, chunks: Path, out: Path, rank: int = 0, world
         target, rows, BUILD_BATCH, rank, world)
 
 
-def _write_json_unique(path: Path, data: dict) -> None:
-    """Atomic like core.files.write_json_atomic, with a temporary name of its own: ranks may write at once."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def read_header(path: Path) -> tuple[dict, int]:
     """A safetensors file's header and the byte offset where its data starts."""
     with open(path, "rb") as fh:
@@ -121,7 +111,7 @@ class FeatureStore:
             self._check(have)
         elif create:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_json_unique(meta, self.ident)
+            write_json_atomic(meta, self.ident)
         self.index: dict[str, tuple[str, int, int]] = {}   # prompt_id -> (shard file name, offset, length)
         self.maps: dict[str, tuple[np.memmap, np.memmap]] = {}
         self.refresh()
