@@ -28,10 +28,10 @@ from tqdm import tqdm
 from dspark.core.errors import DSparkError
 from dspark.core.files import folder_lock, write_json_atomic, write_text_atomic
 from dspark.inference import Engine
-from dspark.models.target import load_target
+from dspark.models.target import load_target, load_tokenizer_target
 
 from .features import check_layers
-from .server import Server, mixing_error, tokenizer_target
+from .server import Server, mixing_error
 from .sources import Prompt, bench_prompts, iter_prompts, mix_components, mix_targets
 
 
@@ -124,7 +124,7 @@ def run(cfg) -> dict:
     out = Path(cfg.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     server = Server.from_cfg(cfg.server) if cfg.backend == "server" else None   # checked before any write
-    target = tokenizer_target(cfg.target) if server and not cfg.cache_features else \
+    target = load_tokenizer_target(cfg.target) if server and not cfg.cache_features else \
         load_target(cfg.target, device=acc.device)   # the server backend needs the weights only for features
     target.encode_chat("probe")   # no chat template → one clear error before any work
     if cfg.cache_features:

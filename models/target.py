@@ -173,6 +173,32 @@ def load_target(cfg, device: torch.device | None = None) -> Target:
     return Target(model=model, tokenizer=tok, name=name, source=source, dtype=dtype, eos_token_ids=eos)
 
 
+def load_tokenizer_target(cfg) -> Target:
+    """The target without its weights (tokenizer, config, generation config): enough to template the
+    prompts, know the context and the end-of-sequence ids, and re-tokenize answers."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    if not cfg.get("name_or_path") and not cfg.get("gguf_package"):
+        return load_target(cfg, device=None)          # the tiny test target: built, not loaded
+    src = str(cfg.name_or_path) if cfg.get("name_or_path") else str(_gguf_cache(cfg))
+    kw = dict(revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    try:
+        tok, config = AutoTokenizer.from_pretrained(src, **kw), AutoConfig.from_pretrained(src, **kw)
+    except OSError as e:
+        raise DSparkError(f"cannot load the tokenizer of target '{src}': {str(e).splitlines()[0]}") from None
+    try:
+        gen = GenerationConfig.from_pretrained(src, **kw)
+    except OSError:
+        gen = GenerationConfig()
+    stub = SimpleNamespace(config=config, generation_config=gen)
+    name = target_name(cfg) if cfg.get("name_or_path") else cfg.name
+    source = src if cfg.get("name_or_path") else f"{cfg.gguf_package}/{cfg.gguf_file}"
+    return Target(model=stub, tokenizer=tok, name=name, source=source, dtype=parse_dtype(cfg.get("dtype")),
+                  eos_token_ids=_eos_ids(stub, tok))
+
+
 def _plain(cfg) -> dict:
     try:
         from omegaconf import OmegaConf

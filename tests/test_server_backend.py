@@ -83,7 +83,7 @@ def test_server_backend_llama_cpp_rows_resume_and_identity(llama_server, tmp_pat
     import datasets
 
     from dspark.data.generate import run
-    from dspark.data.server import tokenizer_target
+    from dspark.models.target import load_tokenizer_target
 
     cut, whole = tmp_path / "cut", tmp_path / "whole"
     with pytest.raises(SystemExit):
@@ -95,7 +95,7 @@ def test_server_backend_llama_cpp_rows_resume_and_identity(llama_server, tmp_pat
     b = datasets.load_from_disk(str(whole / "dataset"))
     assert a.column_names == ["input_ids", "loss_mask", "prompt_id", "source"]   # as in-process
     assert a.to_dict() == b.to_dict() and len(a) == len(PROMPTS)                  # greedy: resumed == whole
-    target = tokenizer_target(compose_cfg("generate").target)
+    target = load_tokenizer_target(compose_cfg("generate").target)
     for row, p in zip(a, PROMPTS):
         prompt = target.encode_chat(p["prompt"])                                  # the in-process prompt
         assert row["input_ids"][:len(prompt)] == prompt and 0 < len(row["input_ids"]) - len(prompt) <= 12
