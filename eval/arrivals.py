@@ -83,18 +83,7 @@ def _point(bench, res, rate: float, reference: list[list[int]]) -> dict:
              "p90_latency_s": quantile(latency, 0.9), "mean_queue_s": _mean([x.admitted - x.arrival for x in t]),
              "mean_ttft_s": _mean([x.first_token - x.arrival for x in t]), "tau": s["tau"],
              "last_arrival_s": max(x.arrival for x in t)}
-    if bench.cfg.temperature > 0:
-        return {**point, "identical_to_plain": None, "divergences": None, "max_divergence_margin": None}
-    n, margins = len(reference), []
-    for i, out in enumerate(res.outputs):
-        ref = reference[i % n]
-        if out != ref:
-            j = next((k for k, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
-            m = bench.margins[i % n]
-            margins.append(m[j] if j < len(m) else float("inf"))
-    return {**point, "identical_to_plain": not margins, "divergences": len(margins),
-            "max_divergence_margin": max(margins) if margins else None,
-            "divergences_all_near_ties": all(m <= bench.cfg.near_tie_margin for m in margins)}
+    return {**point, **bench.exactness(res.outputs, reference)}
 
 
 def sched_vs_gamma1(rows: dict[str, dict]) -> list[dict]:

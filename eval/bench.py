@@ -235,18 +235,21 @@ class Bench:
         if stats.forwards == 0:   # Hugging Face rows: no runtime internals to report
             s.update(tau=None, acceptance_by_position=[], acceptance_rate=None)
         s["speedup_vs_plain"] = s["tokens_per_s"] / max(plain_stats.summary()["tokens_per_s"], 1e-9)
+        s.update(self.exactness(outputs, reference))
+        return s
+
+    def exactness(self, outputs, reference) -> dict:
+        """Output i against plain greedy reference[i % n] (a request set may cycle the prompts): whether all
+        match, and the plain run's top-1/top-2 logit margin at each first divergence (docs/design.md §5).
+        All None when sampling."""
         if self.cfg.temperature > 0:
-            s.update(identical_to_plain=None, exact_match_rate=None, max_divergence_margin=None,
-                     divergences=None)
-            return s
-        margins = []
-        for i, (out, ref) in enumerate(zip(outputs, reference)):
+            return dict(identical_to_plain=None, exact_match_rate=None, max_divergence_margin=None, divergences=None)
+        n, margins = len(reference), []
+        for i, out in enumerate(outputs):
+            ref, known = reference[i % n], self.margins[i % n]
             if out != ref:
                 j = next((k for k, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
-                margins.append(self.margins[i][j] if j < len(self.margins[i]) else float("inf"))
-        s.update(identical_to_plain=not margins,
-                 exact_match_rate=1 - len(margins) / max(len(outputs), 1),
-                 max_divergence_margin=max(margins) if margins else None,
-                 divergences=len(margins),
-                 divergences_all_near_ties=all(m <= self.cfg.near_tie_margin for m in margins))
-        return s
+                margins.append(known[j] if j < len(known) else float("inf"))
+        return dict(identical_to_plain=not margins, exact_match_rate=1 - len(margins) / max(len(outputs), 1),
+                    max_divergence_margin=max(margins) if margins else None, divergences=len(margins),
+                    divergences_all_near_ties=all(m <= self.cfg.near_tie_margin for m in margins))

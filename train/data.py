@@ -21,7 +21,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dspark.core.errors import DSparkError
-from dspark.data.features import FeatureStore, length_order
+from dspark.data.features import FeatureStore, length_order, padded
 
 
 def draft_vocabulary(rows: list[dict], size: int, vocab_size: int) -> torch.Tensor | None:
@@ -35,13 +35,11 @@ def draft_vocabulary(rows: list[dict], size: int, vocab_size: int) -> torch.Tens
 
 
 def collate(rows: list[dict]) -> dict:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    ids = padded(rows)
+    mask = torch.zeros_like(ids)
+    valid = torch.zeros(ids.shape, dtype=torch.bool)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
         mask[i, :n] = torch.tensor(r["loss_mask"])
         valid[i, :n] = True
     return {"input_ids": ids, "loss_mask": mask, "valid": valid, "prompt_id": [r["prompt_id"] for r in rows]}
