@@ -3,6 +3,11 @@
 Per request it keeps the draft backbone's context keys/values, extended from the target's hidden
 states of every verification pass (prefill, then anchor + accepted drafts each step), so a proposal
 costs one backbone pass over γ block positions plus the sequential head's γ small steps.
+
+The context is extended lazily: `start` and `update` only queue the target's features, and a proposal
+first runs the context projection over everything queued for its requests, in one pass per request.
+A step the policy does not draft (the scheduler backing off under load) then costs the drafter nothing,
+and the steps it skipped are caught up in one pass instead of one per step.
 """
 from __future__ import annotations
 
@@ -20,12 +25,21 @@ class DSparkDrafter(HeadDrafter):
         # they grow by doubling, so a step writes only its new positions
         self.kv: dict[int, list[list[torch.Tensor]]] = {}
         self.length: dict[int, int] = {}
+        self.pending: dict[int, list[torch.Tensor]] = {}   # rid → features queued since its last proposal
+
+    def _queue(self, rid: int, feats: torch.Tensor | None) -> None:
+        if feats is not None:
+            self.pending.setdefault(rid, []).append(feats)
 
     @torch.no_grad()
-    def _extend(self, rid: int, feats: torch.Tensor | None) -> None:
-        if feats is None or (not len(feats) and rid in self.kv):
+    def _catch_up(self, rid: int) -> None:
+        """Run the context projection over the request's queued features and append their keys/values."""
+        parts = self.pending.pop(rid, [])
+        if not parts and rid in self.kv:
             return
-        start, n = self._length(rid), len(feats)
+        feats = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else \
+            torch.zeros(0, self.head.context_proj.in_features, device=self.head.context_proj.weight.device)
+        start, n = self.length.get(rid, 0), len(feats)
         pos = torch.arange(start, start + n, device=feats.device)[None]
         new = self.head.context_kv(self.head.project_context(feats[None]), pos)
         bufs = self.kv.get(rid)
@@ -42,8 +56,8 @@ class DSparkDrafter(HeadDrafter):
         self.length[rid] = start + n
 
     def _length(self, rid: int) -> int:
-        """Context positions cached for a request (the anchor's position)."""
-        return self.length.get(rid, 0)
+        """Context positions known for a request, queued ones included (the anchor's position)."""
+        return self.length.get(rid, 0) + sum(len(f) for f in self.pending.get(rid, ()))
 
     def _context(self, rids: list[int], lens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer the (R, width, kv, hd) keys and values of the requests, zero-padded on the right
@@ -66,20 +80,23 @@ class DSparkDrafter(HeadDrafter):
         for i, s in enumerate(states):
             self.finish(s)
             feats = features[i] if features is not None else torch.zeros(0, self.head.context_proj.in_features)
-            self._extend(s.rid, feats.to(self.head.context_proj.weight.device))
+            self._queue(s.rid, feats.to(self.head.context_proj.weight.device))
 
     def update(self, states, accepted, features):
         for i, s in enumerate(states):
-            self._extend(s.rid, None if features is None else features[i])
+            self._queue(s.rid, None if features is None else features[i])
 
     def finish(self, state):
         self.kv.pop(state.rid, None)
         self.length.pop(state.rid, None)
+        self.pending.pop(state.rid, None)
 
     def propose_rows(self, states, limits, rows, out):
         head, g = self.head, self.head.config.gamma
         dev = head.context_proj.weight.device
-        lens = [self._length(states[i].rid) for i in rows]
+        for i in rows:
+            self._catch_up(states[i].rid)
+        lens = [self.length[states[i].rid] for i in rows]
         width = max(lens)
         kv = self._context([states[i].rid for i in rows], lens)
         anchors = torch.tensor([states[i].tokens[-1] for i in rows], device=dev)

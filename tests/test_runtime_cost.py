@@ -50,3 +50,27 @@ def test_incremental_context_equals_a_fresh_start(tiny_target, tiny_prompts):
     a, b = drafter.propose([state], [5])[0], fresh.propose([state], [5])[0]
     assert a.tokens == b.tokens
     assert torch.allclose(torch.tensor(a.confidences), torch.tensor(b.confidences), atol=1e-4)
+
+
+def test_steps_without_drafting_cost_the_drafter_nothing(tiny_target, tiny_prompts):
+    """The head's context is caught up only when it proposes: a policy that drafts every fourth step
+    runs the context projection once per proposal (not once per step), and the output stays plain greedy."""
+    from dspark.inference.policy import VerifyAll
+
+    class EveryFourth(VerifyAll):
+        steps = 0
+
+        def wants_draft(self, states):
+            self.steps += 1
+            return self.steps % 4 == 1
+
+    head = tiny_head(tiny_target)
+    drafter = drafter_for(head, tiny_target)
+    calls = []
+    real = head.context_kv
+    head.context_kv = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    policy = EveryFourth()
+    res = Engine(tiny_target, drafter, policy=policy, gamma=4).generate(tiny_prompts[:2], 30, eos_token_ids=[])
+    assert res.outputs == Engine(tiny_target).generate(tiny_prompts[:2], 30, eos_token_ids=[]).outputs
+    proposing = (policy.steps + 3) // 4
+    assert 0 < len(calls) <= 2 * proposing < policy.steps
