@@ -27,7 +27,7 @@ def load_rows(data_dir: str, max_seq_len: int, vocab_size: int, target: str | No
     if target and made_for and made_for != target:
         raise DSparkError(f"dataset {path} was generated for target '{made_for}', not '{target}': regenerate it "
                           f"with `dspark generate target=…` for this target, or pass data_dir= of a {target} dataset")
-    rows = []
+    rows, has_source = [], "source" in ds.column_names
     for r in ds:
         ids, mask = r["input_ids"][:max_seq_len], r["loss_mask"][:max_seq_len]
         if sum(mask[1:]) == 0:
@@ -35,7 +35,8 @@ def load_rows(data_dir: str, max_seq_len: int, vocab_size: int, target: str | No
         if max(ids) >= vocab_size:
             raise DSparkError(f"dataset {path} has token id {max(ids)} >= the target's vocabulary {vocab_size}: "
                               "it was generated with another tokenizer; regenerate it with this target")
-        rows.append({"input_ids": ids, "loss_mask": mask, "prompt_id": r["prompt_id"]})
+        rows.append({"input_ids": ids, "loss_mask": mask, "prompt_id": r["prompt_id"],
+                     "source": r["source"] if has_source else ""})
     if not rows:
         raise DSparkError(f"dataset {path} has no rows with response tokens: generate more data")
     return rows

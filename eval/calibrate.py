@@ -5,6 +5,11 @@ config.json, and report per-position ECE / Brier before and after, AUROC and a r
 Survival is observed in the real runtime (verify-all, the calibration temperature), so the
 labels are exactly what the scheduler will face. Temperatures are fitted on half the held-out
 prompts and judged on the other half (when there are two or more).
+
+Domains: a dataset made from a prompt mix records each row's source (chat, math, code, …). The
+held-out prompts are taken from every source in turn, each source's split in two halves, so one fit
+covers every domain, and the report gives ECE per domain: confidences calibrated on chat alone are too
+pessimistic on code, where the scheduler then verifies too little.
 """
 from __future__ import annotations
 
@@ -24,17 +29,24 @@ from dspark.models.target import check_head_target, load_target
 from . import sts
 
 
-def held_out_prompts(cfg, target) -> list[list[int]]:
+def held_out_prompts(cfg, target) -> dict[str, list[list[int]]]:
+    """Domain (the row's source; "" for a dataset that does not record it) → held-out prompt ids, at
+    most cfg.max_prompts in all, taken from the domains in turn so each is represented."""
     rows = load_rows(cfg.data_dir, 1 << 30, target.vocab_size, target=target.name)
     _, val = split(rows, cfg.val_fraction)
-    prompts = []
-    for r in val[: cfg.max_prompts]:
+    pools: dict[str, list[list[int]]] = {}
+    for r in val:
         start = r["loss_mask"].index(1) if 1 in r["loss_mask"] else len(r["input_ids"])
         if start > 0:
-            prompts.append(r["input_ids"][:start])
-    if not prompts:
+            pools.setdefault(r["source"], []).append(r["input_ids"][:start])
+    if not pools:
         raise DSparkError(f"no held-out prompts in {cfg.data_dir}: generate more data")
-    return prompts
+    taken = {d: [] for d in sorted(pools)}
+    for i in range(max(len(v) for v in pools.values())):
+        for d in taken:
+            if i < len(pools[d]) and sum(map(len, taken.values())) < cfg.max_prompts:
+                taken[d].append(pools[d][i])
+    return {d: v for d, v in taken.items() if v}
 
 
 def observe(head, target, prompts, cfg) -> list[tuple[list[float], int, int]]:
@@ -59,11 +71,14 @@ def run(cfg) -> dict:
         raise DSparkError(f"the head at {head_dir} ({type(head).__name__}) has no confidence head to calibrate")
     target = load_target(cfg.target)
     head.config.confidence_temperatures = []          # observe raw confidences
-    prompts = held_out_prompts(cfg, target)
+    domains = held_out_prompts(cfg, target)
+    n_prompts = sum(map(len, domains.values()))
     torch.manual_seed(cfg.seed)
-    fit_p, eval_p = (prompts[0::2], prompts[1::2]) if len(prompts) > 1 else (prompts, [])
-    fit_blocks = observe(head, target, fit_p, cfg)
-    eval_blocks = observe(head, target, eval_p, cfg) if eval_p else []
+    split_halves = n_prompts > 1    # each domain's prompts alternate between the fitting and the judging half
+    fit_by = {d: observe(head, target, p[0::2] if split_halves else p, cfg) for d, p in domains.items()}
+    eval_by = {d: observe(head, target, p[1::2], cfg) if len(p) > 1 else [] for d, p in domains.items()}
+    fit_blocks = [b for v in fit_by.values() for b in v]
+    eval_blocks = [b for v in eval_by.values() for b in v]
     if not fit_blocks:
         raise DSparkError("the drafter reported no confidences: calibrate needs a DSpark/DFlash head")
     g = head.config.gamma
@@ -73,19 +88,30 @@ def run(cfg) -> dict:
     judge = sts.blocks_to_tensors(eval_blocks, g) if held_out else (z, ver, lab)
     positions = sts.position_report(*judge, temps, cfg.bins)
     fitted = sts.position_report(z, ver, lab, temps, cfg.bins)
+    per_domain = {d: _domain_report(eval_by[d] or fit_by[d], len(domains[d]), g, temps, cfg.bins)
+                  for d in domains if eval_by[d] or fit_by[d]}
     _write_temperatures(head_dir, temps)
     plot = out_dir / "reliability.png"
     reliability_diagram(judge, temps, cfg.bins, plot)
     report = {"head": str(head_dir), "target": target.name, "dtype": str(target.dtype).replace("torch.", ""),
-              "temperature": cfg.temperature, "gamma": g, "prompts": len(prompts),
+              "temperature": cfg.temperature, "gamma": g, "prompts": n_prompts,
               "blocks_fit": len(fit_blocks), "blocks_eval": len(eval_blocks), "held_out": held_out,
               "temperatures": temps, "positions": positions, "positions_fit": fitted,
               "max_ece_after": max((p["ece_after"] for p in positions if p["blocks"]), default=None),
-              "reliability_png": str(plot)}
+              "domains": per_domain, "reliability_png": str(plot)}
     write_json_atomic(out_dir / "calibrate.json", report)
     print(summary_table(report))
     print(f"temperatures written to {head_dir / 'config.json'}; wrote {out_dir / 'calibrate.json'} and {plot}")
     return {"max_ece_after": report["max_ece_after"]}
+
+
+def _domain_report(blocks, prompts: int, gamma: int, temps: list[float], bins: int) -> dict:
+    """One domain's calibration: the worst position's ECE before and after STS, and position-1 survival."""
+    positions = sts.position_report(*sts.blocks_to_tensors(blocks, gamma), temps, bins)
+    seen = [p for p in positions if p["blocks"]]
+    worst = (lambda key: max((p[key] for p in seen), default=None))
+    return {"prompts": prompts, "blocks": len(blocks), "survival_1": positions[0]["survival"],
+            "max_ece_before": worst("ece_before"), "max_ece_after": worst("ece_after")}
 
 
 def _write_temperatures(head_dir: Path, temps: list[float]) -> None:
@@ -106,6 +132,12 @@ def summary_table(report: dict) -> str:
         lines.append(f"| {p['position']} | {p['blocks']} | {f(p['survival'], '.3f')} | {p['temperature']:.3f} | "
                      f"{f(p['ece_before'], '.3f')} | {f(p['ece_after'], '.3f')} | {f(p['brier_before'], '.3f')} | "
                      f"{f(p['brier_after'], '.3f')} | {f(p['auroc'], '.3f')} |")
+    if len(report.get("domains", {})) > 1:
+        lines += ["", "| domain | prompts | blocks | position-1 survival | max ECE before | max ECE after |",
+                  "|---|---|---|---|---|---|"]
+        for d, r in report["domains"].items():
+            lines.append(f"| {d or '(unnamed)'} | {r['prompts']} | {r['blocks']} | {f(r['survival_1'], '.3f')} | "
+                         f"{f(r['max_ece_before'], '.3f')} | {f(r['max_ece_after'], '.3f')} |")
     return "\n".join(lines)
 
 

@@ -62,11 +62,16 @@ def test_calibrate_cli_writes_temperatures_the_runtime_uses(tmp_path):
     def cfg(name, *over):
         return compose_cfg(name, "target=tiny", f"output_dir={tmp_path}", *over)
 
-    generate(cfg("generate", "max_prompts=12", "max_new_tokens=32"))
+    generate(cfg("generate", "data=mix", "data.sources=[{source:sharegpt,count:8},{source:gsm8k,count:8}]",
+                 "max_prompts=16", "max_new_tokens=32"))
     train(cfg("train", "draft=tiny", "logger=none", "max_steps=30", "eval_every=30", "save_every=0",
               "val_fraction=0.3"))
     out = calibrate(cfg("calibrate", "val_fraction=0.3", "max_new_tokens=32", "min_blocks=5"))
     report = json.loads((tmp_path / "calibrate.json").read_text())
+    domains = report["domains"]           # every source of the mix is fitted on and judged
+    assert set(domains) == {"sharegpt", "gsm8k"}
+    assert all(d["blocks"] > 0 and d["max_ece_after"] is not None for d in domains.values())
+    assert sum(d["prompts"] for d in domains.values()) == report["prompts"]
     assert report["temperatures"] and all(t > 0 for t in report["temperatures"])
     assert out["max_ece_after"] == report["max_ece_after"]
     assert (tmp_path / "reliability.png").stat().st_size > 1000
@@ -74,3 +79,24 @@ def test_calibrate_cli_writes_temperatures_the_runtime_uses(tmp_path):
     assert head.config.confidence_temperatures == pytest.approx(report["temperatures"], rel=1e-5)
     first = report["positions_fit"][0]        # position 1's grid includes T = 1: never worse in-sample
     assert first["ece_after"] <= first["ece_before"] + 1e-9
+
+
+def test_held_out_prompts_take_every_domain_in_turn(tmp_path):
+    """With more held-out prompts than max_prompts, each source still gets its share (a source-ordered
+    dataset would otherwise give calibration only its first domain)."""
+    import datasets
+    from omegaconf import OmegaConf
+
+    from dspark.eval.calibrate import held_out_prompts
+
+    n = 31    # ids 0..29 fall in the 99 % validation split, 9999 (0x270f) in training
+    datasets.Dataset.from_dict({
+        "input_ids": [[5, 6, i + 7, 8, 9] for i in range(n)], "loss_mask": [[0, 0, 0, 1, 1]] * n,
+        "prompt_id": [f"{i:08x}" for i in range(n - 1)] + ["0000270f"],
+        "source": ["chat"] * 20 + ["code"] * 6 + ["math"] * 5,
+    }).save_to_disk(str(tmp_path / "ds"))
+    target = type("T", (), {"vocab_size": 100, "name": "tiny"})()
+    cfg = OmegaConf.create({"data_dir": str(tmp_path / "ds"), "val_fraction": 0.99, "max_prompts": 9})
+    got = held_out_prompts(cfg, target)
+    assert {d: len(v) for d, v in got.items()} == {"chat": 3, "code": 3, "math": 3}
+    assert all(p[:2] == [5, 6] and len(p) == 3 for v in got.values() for p in v)
