@@ -5,7 +5,7 @@ states of every verification pass (prefill, then anchor + accepted drafts each s
 costs one backbone pass over γ block positions plus the sequential head's γ small steps.
 
 The context is extended lazily: `start` and `update` only queue the target's features, and a proposal
-first runs the context projection over everything queued for its requests, in one pass per request.
+first runs the context projection over everything queued for its requests, in one pass.
 A step the policy does not draft (the scheduler backing off under load) then costs the drafter nothing,
 and the steps it skipped are caught up in one pass instead of one per step.
 """
@@ -32,16 +32,27 @@ class DSparkDrafter(HeadDrafter):
             self.pending.setdefault(rid, []).append(feats)
 
     @torch.no_grad()
-    def _catch_up(self, rid: int) -> None:
-        """Run the context projection over the request's queued features and append their keys/values."""
-        parts = self.pending.pop(rid, [])
-        if not parts and rid in self.kv:
+    def _catch_up(self, rids: list[int]) -> None:
+        """Run the context projection over the queued features of `rids` and append their keys/values:
+        one pass for all of them (the projection, the key norm and RoPE act per position)."""
+        todo = [(rid, self.pending.pop(rid, [])) for rid in rids]
+        todo = [(rid, parts) for rid, parts in todo if parts or rid not in self.kv]
+        if not todo:
             return
-        feats = parts[0] if len(parts) == 1 else torch.cat(parts) if parts else \
-            torch.zeros(0, self.head.context_proj.in_features, device=self.head.context_proj.weight.device)
-        start, n = self.length.get(rid, 0), len(feats)
-        pos = torch.arange(start, start + n, device=feats.device)[None]
-        new = self.head.context_kv(self.head.project_context(feats[None]), pos)
+        proj = self.head.context_proj
+        feats = [torch.cat(parts) if parts else proj.weight.new_zeros(0, proj.in_features) for _, parts in todo]
+        starts = [self.length.get(rid, 0) for rid, _ in todo]
+        pos = torch.cat([torch.arange(s, s + len(f)) for s, f in zip(starts, feats)]).to(proj.weight.device)
+        new = self.head.context_kv(self.head.project_context(torch.cat(feats)[None]), pos[None])
+        offset = 0
+        for (rid, _), start, f in zip(todo, starts, feats):
+            n = len(f)
+            self._write(rid, start, [[x[:, offset:offset + n] for x in kv] for kv in new])
+            offset += n
+
+    def _write(self, rid: int, start: int, new: list[list[torch.Tensor]]) -> None:
+        """Put per-layer [keys, values] (1, n, kv, hd) at positions start.. of the request's buffers."""
+        n = new[0][0].shape[1]
         bufs = self.kv.get(rid)
         if bufs is None or bufs[0][0].shape[1] < start + n:
             cap = max(2 * (start + n), 64)
@@ -94,8 +105,7 @@ class DSparkDrafter(HeadDrafter):
     def propose_rows(self, states, limits, rows, out):
         head, g = self.head, self.head.config.gamma
         dev = head.context_proj.weight.device
-        for i in rows:
-            self._catch_up(states[i].rid)
+        self._catch_up([states[i].rid for i in rows])
         lens = [self.length[states[i].rid] for i in rows]
         width = max(lens)
         kv = self._context([states[i].rid for i in rows], lens)

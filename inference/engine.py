@@ -223,7 +223,7 @@ class Engine:
         t = time.perf_counter()
         limits = [max(0, min(self.gamma, s.remaining - 1)) for s in active]
         props = self.drafter.propose(active, limits)
-        self.policy.observe_draft_time(time.perf_counter() - t)
+        self.policy.observe_draft_time(time.perf_counter() - t, len(active))
         lengths = self.policy.choose(active, props, limits)
         props = [Proposal(p.tokens[:n], None if p.probs is None else p.probs[:n],
                           None if p.confidences is None else p.confidences[:n])

@@ -35,8 +35,8 @@ class Policy:
     def choose(self, states, proposals, limits) -> list[int]:
         raise NotImplementedError
 
-    def observe_draft_time(self, seconds: float) -> None:
-        """The runtime reports each step's proposal time (used by cost-aware policies)."""
+    def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
+        """The runtime reports each step's proposal time for `rows` requests (used by cost-aware policies)."""
 
     def wants_draft(self, states) -> bool:
         """Asked before proposing: False makes this a plain step (no drafting cost). Lossless as long
@@ -93,7 +93,8 @@ class StaticThreshold(Policy):
 class ConfidenceScheduler(Policy):
     """Hardware-aware prefix scheduler. `step_cost(R, T)` → seconds of one verification step with R
     rows of width T (anchor + drafts); the drafter's per-step time is added from the runtime's
-    reports (a running mean) unless `draft_cost` is given."""
+    reports unless `draft_cost` is given: a running mean per number of rows R (a proposal for 6 rows
+    costs ~2.5× one for 1), the nearest R observed standing in for an R not seen yet."""
 
     name = "sched"
 
@@ -102,7 +103,7 @@ class ConfidenceScheduler(Policy):
             raise ValueError(f"unknown admission unit '{unit}': column | position")
         self.step_cost, self.unit = step_cost, unit
         self.fixed_draft = draft_cost
-        self.draft_mean, self.draft_n = 0.0, 0
+        self.draft_mean: dict[int, tuple[float, int]] = {}   # rows → (mean seconds, observations)
         self.max_skip, self.misses, self.skip = max_skip, 0, 0
 
     def wants_draft(self, states) -> bool:
@@ -121,13 +122,20 @@ class ConfidenceScheduler(Policy):
         else:
             self.misses = 0
 
-    def observe_draft_time(self, seconds: float) -> None:
-        self.draft_n += 1
-        self.draft_mean += (seconds - self.draft_mean) / self.draft_n
+    def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
+        mean, n = self.draft_mean.get(rows, (0.0, 0))
+        self.draft_mean[rows] = (mean + (seconds - mean) / (n + 1), n + 1)
+
+    def draft_cost(self, r: int) -> float:
+        """Expected seconds of one proposal for r requests."""
+        if self.fixed_draft is not None:
+            return self.fixed_draft
+        if not self.draft_mean:
+            return 0.0
+        return self.draft_mean[min(self.draft_mean, key=lambda seen: (abs(seen - r), -seen))][0]
 
     def _theta(self, tau: float, r: int, width: int) -> float:
-        draft = self.fixed_draft if self.fixed_draft is not None else self.draft_mean
-        return tau / (self.step_cost(r, width) + draft)
+        return tau / (self.step_cost(r, width) + self.draft_cost(r))
 
     def choose(self, states, proposals, limits) -> list[int]:
         surv = [survival(p, lim) for p, lim in zip(proposals, limits)]

@@ -34,22 +34,28 @@ def test_single_request_never_needs_compaction(tiny_target, tiny_prompts, monkey
 
 
 def test_incremental_context_equals_a_fresh_start(tiny_target, tiny_prompts):
-    """After a run, the drafter's buffered context (built step by step, grown by doubling) proposes what
-    a drafter started from the whole sequence's features at once proposes."""
+    """After a run of two requests, the drafter's buffered context (queued step by step, caught up for
+    both rows in shared passes, grown by doubling) proposes what a drafter started from each whole
+    sequence's features at once proposes."""
     head = tiny_head(tiny_target)
     drafter = drafter_for(head, tiny_target)
     kept = {}
-    drafter.finish = lambda state: kept.setdefault("state", state)   # keep the buffers after the run
-    Engine(tiny_target, drafter, gamma=5).generate(tiny_prompts[2:3], 70, eos_token_ids=[])   # > 64: grows
-    state = kept["state"]
-    assert drafter._length(state.rid) == len(state.tokens) - 1
-    ids = torch.tensor([state.tokens[:-1]])
-    feats, _ = tiny_target.features(ids, list(head.config.target_layer_ids))
-    fresh = drafter_for(head, tiny_target)
-    fresh.start([state], [feats[0]])
-    a, b = drafter.propose([state], [5])[0], fresh.propose([state], [5])[0]
-    assert a.tokens == b.tokens
-    assert torch.allclose(torch.tensor(a.confidences), torch.tensor(b.confidences), atol=1e-4)
+    drafter.finish = lambda state: kept.setdefault(state.rid, state)   # keep the buffers after the run
+    Engine(tiny_target, drafter, gamma=5).generate([tiny_prompts[2], tiny_prompts[0]], [70, 50],
+                                                   eos_token_ids=[])   # > 64 positions: the buffers grow
+    states = [kept[0], kept[1]]
+    assert len(states[0].tokens) != len(states[1].tokens)
+    for state in states:
+        assert drafter._length(state.rid) == len(state.tokens) - 1
+    both = drafter.propose(states, [5, 5])
+    for state, a in zip(states, both):
+        ids = torch.tensor([state.tokens[:-1]])
+        feats, _ = tiny_target.features(ids, list(head.config.target_layer_ids))
+        fresh = drafter_for(head, tiny_target)
+        fresh.start([state], [feats[0]])
+        b = fresh.propose([state], [5])[0]
+        assert a.tokens == b.tokens
+        assert torch.allclose(torch.tensor(a.confidences), torch.tensor(b.confidences), atol=1e-4)
 
 
 def test_steps_without_drafting_cost_the_drafter_nothing(tiny_target, tiny_prompts):

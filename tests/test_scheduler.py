@@ -248,3 +248,21 @@ def test_scheduler_backs_off_from_drafting_that_does_not_pay(tiny_target, tiny_p
     every = Engine(tiny_target, DSparkDrafter(head, tiny_target), gamma=5).generate(tiny_prompts, 30)
     assert res.outputs == plain_outputs
     assert res.summary()["drafted"] < 0.6 * every.summary()["drafted"]
+
+
+def test_draft_cost_is_tracked_per_number_of_rows():
+    """A proposal for many rows costs more than for one: the scheduler weighs each batch size with the
+    drafting time observed at that size (the nearest one seen when it has not seen it yet)."""
+    cost = table_cost({1: [1.0, 1.1, 1.2], 8: [4.0, 5.0, 6.0]})
+    sched = ConfidenceScheduler(cost)
+    assert sched.draft_cost(3) == 0.0                        # nothing observed yet
+    for seconds in (0.1, 0.3):
+        sched.observe_draft_time(seconds, rows=1)
+    sched.observe_draft_time(3.0, rows=8)
+    assert sched.draft_cost(1) == pytest.approx(0.2) and sched.draft_cost(8) == 3.0
+    assert sched.draft_cost(3) == pytest.approx(0.2) and sched.draft_cost(6) == 3.0
+    confs = [[0.7, 0.7]]
+    assert choose(sched, confs) == [2] and sched.wants_draft([None])        # one row: drafting pays
+    # eight rows: 3 s of drafting does not pay back (a mean over all sizes, 1.13 s, would say it does)
+    choose(sched, confs * 8)
+    assert not sched.wants_draft([None] * 8)
