@@ -3,8 +3,9 @@
 A request waits until it has *arrived* (`arrivals`: seconds after the start of `Engine.generate`, or
 with `arrival_unit="step"` the number of engine steps run before it may join) and a row is free (at
 most `max_batch` requests run at once; `None`: no limit). Waiting requests join in order of arrival,
-ties in input order. They join between steps: the engine prefills all of a step's joiners in one
-forward of their own and places their rows in the shared cache, into rows that finished requests left
+ties in input order. They join between steps: the engine prefills a step's joiners in forwards of
+their own (one, unless rows × longest prompt exceed `Engine(prefill_tokens=…)`: then in groups, longest
+first) and places their rows in the shared cache, into rows that finished requests left
 where it can (`SlotCache.place`), and the drafter `start`s them. No arrivals and no `max_batch` is the
 fixed batch: every request is prefilled together before the first step.
 """

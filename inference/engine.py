@@ -106,7 +106,7 @@ class Engine:
     def __init__(self, target, drafter: Drafter | None = None, policy=None, gamma: int = 7,
                  temperature: float = 0.0, top_p: float = 1.0, compact_fraction: float = 0.2,
                  record_margins: bool = False, record_logits: bool = False, record_blocks: bool = False,
-                 top_k: int = 0):
+                 top_k: int = 0, prefill_tokens: int = 16384):
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise DSparkError(f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0 (got {temperature}, {top_p}, "
                               f"{top_k})")
@@ -117,6 +117,7 @@ class Engine:
         self.compact_fraction = compact_fraction
         self.record_margins, self.record_logits = record_margins, record_logits
         self.record_blocks = record_blocks
+        self.prefill_tokens = prefill_tokens   # rows × longest prompt per prefill forward: bounds its memory
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -329,6 +330,19 @@ class Engine:
             s.done, s.finish_reason = True, s.finish_reason or "length"
             self.timings[s.rid].finished = now
 
+    def _prefill_groups(self, joining: list[RequestState]) -> list[list[RequestState]]:
+        """The joiners in groups of one prefill forward each, longest prompt first: a group's rows ×
+        its longest prompt stay within `prefill_tokens` (one row at least), so many long prompts joining
+        at once never build one huge forward (eager attention holds rows × heads × length² scores)."""
+        groups, width = [], 0
+        for s in sorted(joining, key=lambda s: -len(s.tokens)):
+            if groups and (len(groups[-1]) + 1) * width <= self.prefill_tokens:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+                width = len(s.tokens) - 1
+        return groups
+
     def _reschedule(self, states, active: list[RequestState], cache: SlotCache, queue: Admission,
                     stats: Stats) -> tuple[SlotCache, list[RequestState]]:
         """Between steps: finished requests leave, waiting ones that have arrived join (into the rows
@@ -343,23 +357,23 @@ class Engine:
         joining = [states[i] for i in queue.take(len(active) - len(done), self._now(stats), self.steps)]
         for s in joining:
             self.timings[s.rid].admitted, self.timings[s.rid].admitted_step = self._now(stats), self.steps
-        if joining and len(done) == len(active):   # nothing runs on: the joiners are the batch
-            cache, active = SlotCache(), joining
-            self._prefill(joining, cache, stats)
-            return cache, active
-        if joining:
+        groups = self._prefill_groups(joining)
+        if groups and len(done) == len(active):   # nothing runs on: the (first) joiners are the batch
+            cache, active, done = SlotCache(), list(groups[0]), []
+            self._prefill(groups.pop(0), cache, stats)
+        for group in groups:
             fresh = SlotCache()
-            self._prefill(joining, fresh, stats)
+            self._prefill(group, fresh, stats)
             t = time.perf_counter()
-            dst = done[:len(joining)] + list(range(len(active), len(active) + len(joining) - len(done)))
+            dst = done[:len(group)] + list(range(len(active), len(active) + len(group) - len(done[:len(group)])))
             cache.place(fresh, dst)
             active = list(active)
-            for i, s in zip(dst, joining):
+            for i, s in zip(dst, group):
                 if i < len(active):
                     active[i] = s
                 else:
                     active.append(s)
-            done = done[len(joining):]
+            done = done[len(group):]
             stats.t_prefill += time.perf_counter() - t
         if done:
             gone = set(done)

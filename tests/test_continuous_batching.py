@@ -52,6 +52,24 @@ def test_plain_output_is_independent_of_who_joins_when(tiny_target, prompts, alo
     assert all(0 < v < float("inf") for v in res.stats.per_user_tps)
 
 
+@pytest.mark.parametrize("max_batch", [3, None])
+def test_prefill_in_groups_within_the_token_budget(tiny_target, prompts, alone, monkeypatch, max_batch):
+    """Joiners whose rows × longest prompt exceed `prefill_tokens` are prefilled in several forwards
+    (longest first; the 1-token prompt too), with the same outputs, speculative included."""
+    forwards = []
+    real = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, states, cache, stats: (
+        forwards.append(max(len(s.tokens) - 1 for s in states) * len(states)) or real(self, states, cache, stats)))
+    budget = 2 * max(len(p) for p in prompts)
+    for drafter in (None, drafter_for(tiny_head(tiny_target, "markov", draft_vocab=200), tiny_target)):
+        forwards.clear()
+        res = Engine(tiny_target, drafter, gamma=4, prefill_tokens=budget).generate(prompts, MAX_NEW,
+                                                                                    max_batch=max_batch)
+        assert res.outputs == alone
+        assert all(n <= budget for n in forwards)
+        assert len(forwards) > (1 if max_batch is None else 0) and len(forwards) < len(prompts) + 1
+
+
 def drafters(target):
     return {"prompt_lookup": lambda: PromptLookupDrafter(),
             "dspark": lambda: drafter_for(tiny_head(target, "markov", draft_vocab=200), target),
