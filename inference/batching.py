@@ -7,7 +7,7 @@ ties in input order. They join between steps: the engine prefills a step's joine
 their own (one, unless rows × longest prompt exceed `Engine(prefill_tokens=…)`: then in groups, longest
 first) and places their rows in the shared cache, into rows that finished requests left
 where it can (`SlotCache.place`), and the drafter `start`s them. No arrivals and no `max_batch` is the
-fixed batch: every request is prefilled together before the first step.
+fixed batch: every request is prefilled (in groups within the budget) before the first step.
 """
 from __future__ import annotations
 
