@@ -189,7 +189,7 @@ RULES: dict[str, dict] = {
         **COMMON,
         "features": Choice(("auto", "memory", "online", "cache", "store")), "features_memory_gb": Num(0),
         "features_dtype": Choice(("bfloat16", "float32")),
-        "feature_batch_size": Int(1), "val_fraction": SHARE, "max_seq_len": Int(2), "batch_size": Int(1),
+        "feature_batch_size": Int(1), "val_fraction": SHARE, "val_data_dir": Text(null=True), "max_seq_len": Int(2), "batch_size": Int(1),
         "grad_accum": Int(1), "anchors_per_seq": Int(1), "val_anchors_per_seq": Int(1), "max_steps": Int(1),
         "max_minutes": Pos(null=True), "eval_every": Int(1), "save_every": Int(0), "keep_checkpoints": Int(1),
         "resume": Bool(), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(),

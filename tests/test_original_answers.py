@@ -82,3 +82,20 @@ def test_training_labels_follow_the_dataset(tmp_path, data, monkeypatch, respons
     # the answers are not the tiny target's argmax, so data labels would disagree (greedy regenerated
     # data is the argmax, so there both agree)
     assert bool((labels == argmax)[valid].all())
+
+
+def test_validation_on_another_datasets_held_out_rows(tmp_path, data):
+    """val_data_dir: train on original answers, validate on the regenerated rows of the same held-out
+    prompts (so τ compares across datasets); no held-out prompt is trained on."""
+    from dspark.data.dataset import load_rows, split
+    from dspark.train.trainer import Trainer
+
+    generate(gen_cfg(tmp_path / "o", data))
+    generate(gen_cfg(tmp_path / "r", data, "responses=regenerate"))
+    trainer = Trainer(compose_cfg("train", "target=tiny", "draft=tiny", f"output_dir={tmp_path / 't'}", "logger=none",
+                                  "max_steps=1", f"data_dir={tmp_path / 'o' / 'dataset'}", "val_fraction=0.3",
+                                  f"val_data_dir={tmp_path / 'r' / 'dataset'}"))
+    _, want = split(load_rows(str(tmp_path / "r" / "dataset"), 1024, 10**6), 0.3)
+    assert [r["input_ids"] for r in trainer.val_rows] == [r["input_ids"] for r in want]
+    assert not {r["prompt_id"] for r in trainer.train_rows} & {r["prompt_id"] for r in want}
+    assert len(trainer.train_rows) + len(want) >= 11

@@ -87,6 +87,14 @@ class Trainer:
         self.target = load_target(cfg.target, device=self.acc.device)
         rows = load_rows(cfg.data_dir, cfg.max_seq_len, self.target.vocab_size, target=self.target.name)
         self.train_rows, self.val_rows = split(rows, cfg.val_fraction)
+        if cfg.val_data_dir:   # validate on another dataset's held-out rows; their prompts are never trained on
+            _, self.val_rows = split(load_rows(cfg.val_data_dir, cfg.max_seq_len, self.target.vocab_size,
+                                               target=self.target.name), cfg.val_fraction)
+            held = {r["prompt_id"] for r in self.val_rows}
+            self.train_rows = [r for r in self.train_rows if r["prompt_id"] not in held]
+            if not self.train_rows:
+                raise DSparkError(f"every training prompt of {cfg.data_dir} is held out in {cfg.val_data_dir}: "
+                                  "use another val_data_dir or a larger dataset")
         d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
         self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
         c = self.head.config
