@@ -2,7 +2,8 @@
 
 Flow: prompts from the `data` source → deduplicated, filtered → held-out split by a hash of the
 prompt text (deterministic, recorded in heldout.jsonl, never generated) → each process takes
-prompts[rank::world] → continuous batching on the runtime (batch_size at once, shortest first) →
+prompts[rank::world] → continuous batching on the runtime (batch_size at once, shortest first; or, with
+responses=original, each prompt's own answer tokenized, no decoding) →
 chunks of finished rows written with atomic renames (a re-run skips every prompt already in a chunk)
 → rank 0 merges the chunks into one `datasets` Arrow dataset at `<output_dir>/dataset`.
 
