@@ -293,24 +293,27 @@ class DSparkDraft(DraftHeadBase, nn.Module):
     def prev_embedding(self, prev_draft_ids: torch.Tensor) -> torch.Tensor | None:
         return self.token_embed(prev_draft_ids) if self.config.sequential_head != "none" else None
 
-    def head_step(self, h_k, prev_k, state=None):
-        """One block position: (logit bias or 0, confidence logit, new state). h_k: (…, D)."""
+    def chunk_bias(self, h_k, prev_k, state=None):
+        """One block position's logit bias from the sequential head (0 without one) and its new state."""
         if prev_k is None:
-            return 0.0, self.confidence(h_k)[..., 0], None
-        bias, state = self.chunk_head(h_k, prev_k, state)
-        return bias, self.confidence(torch.cat([h_k, prev_k], -1))[..., 0], state
+            return 0.0, None
+        return self.chunk_head(h_k, prev_k, state)
+
+    def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """h (…, γ, D) and the previous tokens' embeddings (…, γ, E) (None without a sequential head) →
+        confidence logits (…, γ), all positions in one pass."""
+        return self.confidence(h if prev is None else torch.cat([h, prev], -1))[..., 0]
 
     def teacher_forced(self, h: torch.Tensor, prev_target_ids: torch.Tensor):
         """Training: h (…, γ, D), previous tokens (…, γ) as target ids (anchor, then labels) →
         logits (…, γ, Vd) and confidence logits (…, γ)."""
         base = self.base_logits(h)
         prev = self.prev_embedding(self.t2d[prev_target_ids])
-        logits, conf, state = [], [], None
+        logits, state = [], None
         for k in range(h.shape[-2]):
-            bias, c, state = self.head_step(h[..., k, :], None if prev is None else prev[..., k, :], state)
+            bias, state = self.chunk_bias(h[..., k, :], None if prev is None else prev[..., k, :], state)
             logits.append(base[..., k, :] + bias)
-            conf.append(c)
-        return torch.stack(logits, -2), torch.stack(conf, -1)
+        return torch.stack(logits, -2), self.confidence_logits(h, prev)
 
     def confidence_temperature(self, k: int) -> float:
         """STS temperature of block position k (1.0 until calibrated; the last one beyond the list)."""
@@ -324,10 +327,11 @@ class DSparkDraft(DraftHeadBase, nn.Module):
         None when greedy, confidences (R, γ); sampled left to right through the sequential head."""
         base = self.base_logits(h)
         prev_ids, state = self.t2d[anchors], None
-        toks, probs, confs = [], [], []
+        toks, probs, prevs = [], [], []
         for k in range(h.shape[1]):
             prev = self.prev_embedding(prev_ids)
-            bias, c, state = self.head_step(h[:, k], prev, state)
+            prevs.append(prev)
+            bias, state = self.chunk_bias(h[:, k], prev, state)
             logits = (base[:, k] + bias).float()
             if temperature > 0:
                 p = torch.softmax(logits / temperature, -1)
@@ -336,9 +340,11 @@ class DSparkDraft(DraftHeadBase, nn.Module):
             else:
                 tok = logits.argmax(-1)
             toks.append(tok)
-            confs.append(torch.sigmoid(c.float() / self.confidence_temperature(k)))
             prev_ids = tok
-        return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None, torch.stack(confs, 1)
+        # the confidences need no sampling: one pass over every position once the tokens are known
+        c = self.confidence_logits(h, None if prevs[0] is None else torch.stack(prevs, 1)).float()
+        temps = torch.tensor([self.confidence_temperature(k) for k in range(h.shape[1])], device=c.device)
+        return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None, torch.sigmoid(c / temps)
 
 
 def default_layer_ids(num_layers: int, k: int = 5) -> list[int]:
