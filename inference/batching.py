@@ -69,3 +69,18 @@ class Admission:
     def next_arrival(self):
         """When the first waiting request arrives (seconds or step, as given)."""
         return self.arrival[self.waiting[0]]
+
+
+def prefill_groups(joining: list, budget: int) -> list[list]:
+    """Requests (RequestState) joining at once, in groups of one prefill forward each, longest prompt
+    first: a group's rows × its longest prompt stay within `budget` tokens (one row at least), so many
+    long prompts joining together never build one huge forward (eager attention holds rows × heads ×
+    length² scores)."""
+    groups, width = [], 0
+    for s in sorted(joining, key=lambda s: -len(s.tokens)):
+        if groups and (len(groups[-1]) + 1) * width <= budget:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+            width = len(s.tokens) - 1
+    return groups

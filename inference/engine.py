@@ -22,7 +22,7 @@ import torch
 from dspark.core.errors import DSparkError
 from dspark.models.target import layer_features
 
-from .batching import Admission, Timing
+from .batching import Admission, Timing, prefill_groups
 from .cache import SlotCache
 from .drafters import Drafter, Proposal, RequestState
 from .policy import VerifyAll
@@ -330,19 +330,6 @@ class Engine:
             s.done, s.finish_reason = True, s.finish_reason or "length"
             self.timings[s.rid].finished = now
 
-    def _prefill_groups(self, joining: list[RequestState]) -> list[list[RequestState]]:
-        """The joiners in groups of one prefill forward each, longest prompt first: a group's rows ×
-        its longest prompt stay within `prefill_tokens` (one row at least), so many long prompts joining
-        at once never build one huge forward (eager attention holds rows × heads × length² scores)."""
-        groups, width = [], 0
-        for s in sorted(joining, key=lambda s: -len(s.tokens)):
-            if groups and (len(groups[-1]) + 1) * width <= self.prefill_tokens:
-                groups[-1].append(s)
-            else:
-                groups.append([s])
-                width = len(s.tokens) - 1
-        return groups
-
     def _reschedule(self, states, active: list[RequestState], cache: SlotCache, queue: Admission,
                     stats: Stats) -> tuple[SlotCache, list[RequestState]]:
         """Between steps: finished requests leave, waiting ones that have arrived join (into the rows
@@ -357,7 +344,7 @@ class Engine:
         joining = [states[i] for i in queue.take(len(active) - len(done), self._now(stats), self.steps)]
         for s in joining:
             self.timings[s.rid].admitted, self.timings[s.rid].admitted_step = self._now(stats), self.steps
-        groups = self._prefill_groups(joining)
+        groups = prefill_groups(joining, self.prefill_tokens)
         if groups and len(done) == len(active):   # nothing runs on: the (first) joiners are the batch
             cache, active, done = SlotCache(), list(groups[0]), []
             self._prefill(groups.pop(0), cache, stats)
