@@ -111,7 +111,8 @@ class Trainer:
         if loss.get("labels") is None:   # original answers are labelled by the target; regenerated ones are its own
             loss["labels"] = "target" if responses_of(cfg.data_dir) == "original" else "data"
             if loss["labels"] == "target" and self.acc.is_main_process:
-                tqdm.write("note: a dataset of original answers: the CE labels are the target's argmax (loss.labels=target)")
+                tqdm.write("note: a dataset of original answers: the CE labels are the target's argmax "
+                           "(loss.labels=target)")
         self.objective = OBJECTIVES[self.head.architecture](self.model, self.target, self.features,
                                                             cfg.anchors_per_seq, loss)
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
