@@ -151,7 +151,8 @@ def run(cfg) -> dict:
         summary_path = out / "generate.json"
         if summary_path.is_file() and (out / "dataset").is_dir():
             done = json.loads(summary_path.read_text())
-            if done.get("settings") == want and not done.get("skipped", {}).get("unanswered"):   # else: ask again
+            if done.get("settings") == want and not done.get("skipped", {}).get("unanswered") \
+                    and not done.get("partial"):   # else: ask again / go on
                 if acc.is_main_process:
                     print(f"nothing to do: {done['prompts']} prompts already generated in {out / 'dataset'}")
                 return done
@@ -159,6 +160,9 @@ def run(cfg) -> dict:
         _check_chunk_settings(chunks, want)
         done_ids = _done_ids(chunks)
         limit, bound = _prompt_limit(cfg, target)
+        if cfg.merge_only and not done_ids.intersection(map(prompt_id, train)):
+            raise DSparkError(f"merge_only: '{chunks}' holds no finished chunk of these prompts: run without "
+                              "merge_only first")
         if not any(prompt_id(t) in done_ids or len(target.encode_chat(t)) <= limit for t in train):
             raise DSparkError(f"all {len(train)} prompts are longer than {bound}")
         acc.wait_for_everyone()
@@ -171,8 +175,8 @@ def run(cfg) -> dict:
                 for t in heldout))
         acc.wait_for_everyone()
         t0 = time.perf_counter()
-        made = _generate_slice(cfg, target, engine, train[acc.process_index::acc.num_processes], chunks, done_ids,
-                               limit)
+        made = 0 if cfg.merge_only else _generate_slice(
+            cfg, target, engine, train[acc.process_index::acc.num_processes], chunks, done_ids, limit)
         acc.wait_for_everyone()
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
@@ -189,6 +193,9 @@ def run(cfg) -> dict:
         summary = {}
         if acc.is_main_process:
             summary = _merge(cfg, out, train, want, skipped, heldout, made, time.perf_counter() - t0, server)
+            if summary.get("partial"):
+                print(f"merge_only: {summary['prompts']} of {len(train)} prompts are in finished chunks; the "
+                      "same command without merge_only goes on with the rest", file=sys.stderr)
             print(f"generated {summary['prompts']} prompts, {summary['tokens']} response tokens "
                   f"({summary['tokens_per_s']:.1f} tok/s this run); {len(heldout)} held out; skipped {skipped}")
         acc.wait_for_everyone()
@@ -307,7 +314,10 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
             if r["prompt_id"] in order:
                 rows[r["prompt_id"]] = r
     ordered = sorted(rows.values(), key=lambda r: order[r["prompt_id"]])
-    skipped["too_long_tokens"] = len(train) - len(ordered) - (server.unanswered if server else 0)
+    missing = len(train) - len(ordered) - (server.unanswered if server else 0)
+    partial = bool(cfg.merge_only) and any(pid not in rows for pid in order)
+    if not partial:
+        skipped["too_long_tokens"] = missing
     if server:   # prompts the server gave no valid answer (rejected, malformed, empty): a re-run asks again
         skipped["unanswered"] = server.unanswered
     ds = datasets.Dataset.from_dict({
@@ -333,6 +343,8 @@ def _merge(cfg, out: Path, train: list[str], want: dict, skipped: dict, heldout:
                "tokens_per_s": made / max(seconds, 1e-9), "seconds": seconds, "skipped": skipped,
                "finished_by_eos": sum(r["finish"] == "eos" for r in ordered), "settings": want,
                "dataset": str(out / "dataset"), "heldout_file": str(out / "heldout.jsonl")}
+    if partial:   # a later run without merge_only goes on instead of answering "nothing to do"
+        summary["partial"] = True
     if server:
         summary["server"] = server.summary(ordered)
     if cfg.cache_features:

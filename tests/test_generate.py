@@ -82,6 +82,24 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert a == b and len(a["prompt_id"]) == len(set(a["prompt_id"])) == 12
 
 
+def test_merge_only_trains_on_a_run_still_going(tmp_path):
+    import datasets
+
+    f = jsonl(tmp_path, PROMPTS)
+    args = ["data=jsonl", f"data.path={f}", "heldout_fraction=0", "chunk_size=4"]
+    with pytest.raises(DSparkError, match="no finished chunk"):
+        run(cfg_for(tmp_path / "cut", *args, "merge_only=true"))
+    assert not (tmp_path / "cut" / "chunks").exists()
+    with pytest.raises(SystemExit):
+        run(cfg_for(tmp_path / "cut", *args, "stop_after_chunks=1"))
+    part = run(cfg_for(tmp_path / "cut", *args, "merge_only=true"))
+    ds = datasets.load_from_disk(str(tmp_path / "cut" / "dataset"))
+    assert part["partial"] and part["prompts"] == len(ds) == 4
+    whole = run(cfg_for(tmp_path / "cut", *args))      # not "nothing to do": it goes on with the rest
+    assert "partial" not in whole and whole["prompts"] == 12
+    assert run(cfg_for(tmp_path / "cut", *args, "merge_only=true")).get("partial") is None   # all done
+
+
 def test_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{oops\n')
