@@ -79,6 +79,24 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == 2   # rotation keeps two
 
 
+def test_wall_time_holds_the_last_validation(data_dir, tmp_path, monkeypatch):
+    """A slow final validation must not make the training rate negative or inflated."""
+    import time
+    import dspark.train.trainer as trainer
+
+    def slow_tau(*args):
+        time.sleep(0.3)
+        return real(*args)
+
+    real = trainer.expected_tau
+    monkeypatch.setattr(trainer, "expected_tau", slow_tau)
+    train(compose_cfg("train", *FAST, f"data_dir={data_dir}", "max_steps=2", "eval_every=2", "save_every=0",
+                      f"output_dir={tmp_path}"))
+    out = json.loads((tmp_path / "train.json").read_text())
+    assert out["val_s"] >= 0.6 and out["wall_s"] > out["val_s"]
+    assert 0 < out["positions_per_s"] == pytest.approx(out["train_positions"] / (out["wall_s"] - out["val_s"]))
+
+
 def test_trained_head_learns_and_stays_lossless(data_dir, tmp_path, tiny_target, tiny_prompts):
     summary = train(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path}", "max_steps=40",
                                 "eval_every=40", "save_every=0", "optim.lr=3e-3"))

@@ -244,7 +244,9 @@ class Trainer:
                       not isinstance(v, list)}, step=st["step"])
         self.head.train()
         self.acc.wait_for_everyone()
-        st["val_seconds"] = st.get("val_seconds", 0.0) + time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        st["val_seconds"] = st.get("val_seconds", 0.0) + spent
+        st["seconds"] += spent   # wall time includes every validation, the last one too (the next step recounts it)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
