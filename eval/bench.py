@@ -70,7 +70,7 @@ def run(cfg) -> dict:
         "machine": f"{platform.machine()} {os.cpu_count()} cpu threads={torch.get_num_threads()}"
                    + (f" {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "policies": list(cfg.policies), "step_cost": bench.cost.to_json() if bench.cost else None,
-        "methods": methods,
+        "methods": methods, "outside_draft_vocab": outside_vocabulary(heads, reference[1]),
     }
     if cfg.load.rates:   # requests arriving at each rate, joining the running batch (eval/arrivals.py)
         report["arrivals"] = run_arrivals(bench, reference[1])
@@ -84,6 +84,15 @@ def run(cfg) -> dict:
     print(f"wrote {out_dir / 'bench.json'}")
     best = max((row["speedup_vs_plain"] for m, row in rows.items() if m.head not in (None, "oracle")), default=1.0)
     return {"best_speedup": best}
+
+
+def outside_vocabulary(heads: dict, outputs: list[list[int]]) -> dict:
+    """Head → share of plain greedy's output tokens outside its draft vocabulary: positions it can
+    never draft correctly (bounds position-1 acceptance from above)."""
+    ids = torch.tensor([t for out in outputs for t in out], dtype=torch.long)
+    if not ids.numel():
+        return {}
+    return {name: float((h.t2d.cpu()[ids] == h.config.draft_vocab_size).float().mean()) for name, h in heads.items()}
 
 
 RELEASED = Path(__file__).resolve().parents[1] / "heads"     # committed heads (a source checkout)

@@ -28,6 +28,9 @@ def markdown(report: dict) -> str:
                      f"{m['per_user_tokens_per_s']:.1f} | {m['speedup_vs_plain']:.2f}× | {_fmt(m['tau'], '.2f')} | "
                      f"{_fmt(verified, '.2f')} | {_fmt(m['acceptance_rate'], '.2f')} | "
                      f"{_fmt(m['exact_match_rate'], '.2f')} | {_fmt(m['max_divergence_margin'], '.3f')} | {split} |")
+    if report.get("outside_draft_vocab"):
+        lines += ["", "Plain output tokens outside each head's draft vocabulary (never draftable): " + ", ".join(
+            f"{name} {100 * share:.1f} %" for name, share in report["outside_draft_vocab"].items())]
     load = report.get("load")
     if load:
         lines += ["", "Load: aggregate vs per-user tokens/s per concurrency R", "",

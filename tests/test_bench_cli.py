@@ -70,6 +70,19 @@ def test_bench_policies_under_load_with_a_trained_head(tmp_path, tiny_target):
     for png in ("frontier.png", "acceptance_by_position.png"):
         assert (out / png).stat().st_size > 1000
     assert "matched aggregate throughput" in (out / "bench.md").read_text()
+    assert 0 <= d["outside_draft_vocab"]["dspark"] <= 1 and "outside each head's draft vocabulary" in \
+        (out / "bench.md").read_text()
+
+
+def test_outside_vocabulary_counts_tokens_the_head_cannot_draft(tiny_target):
+    from conftest import tiny_head
+    from dspark.eval.bench import outside_vocabulary
+
+    head = tiny_head(tiny_target, "markov", draft_vocab=200)
+    inside = head.d2t[:3].tolist()
+    outside = next(t for t in range(head.config.target_vocab_size) if t not in set(head.d2t.tolist()))
+    assert outside_vocabulary({"h": head}, [inside, [outside]]) == {"h": 0.25}
+    assert outside_vocabulary({"h": head}, [[]]) == {}
 
 
 def test_missing_smollm2_package_names_the_install(tiny_target, monkeypatch, tmp_path):
