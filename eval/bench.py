@@ -166,9 +166,9 @@ class Bench:
             drafter = drafter_for(self.heads[method.head], self.target, temperature=c.temperature, seed=c.seed)
             if method.combined == "lookup":
                 drafter = CombinedDrafter(drafter, c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
-            policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit)
+            policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit, packed=c.packed)
         return Engine(self.target, drafter, policy=policy, gamma=self.gamma(method), temperature=c.temperature,
-                      top_p=c.top_p, record_margins=record)
+                      top_p=c.top_p, record_margins=record, packed=c.packed)
 
     def warm_up(self) -> None:
         Engine(self.target).generate(self.prompts[:1], 4)

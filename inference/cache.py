@@ -35,8 +35,9 @@ class _SlotLayer(DynamicLayer):
         self.keys, self.values = self._k, self._v
         self.is_initialized = True
 
-    def _reserve(self, like: torch.Tensor, needed: int) -> None:
+    def _reserve(self, like: torch.Tensor, needed: int, rows: int | None = None) -> None:
         b, h, _, d = like.shape
+        b = b if rows is None else rows
         if self.length and self._k.shape[0] == b and self._k.shape[2] >= needed:
             return
         cap = max(needed, 2 * (self._k.shape[2] if self._k.dim() == 4 else 0), 64)
@@ -48,6 +49,9 @@ class _SlotLayer(DynamicLayer):
         self._k, self._v = k, v
 
     def update(self, key_states, value_states, *args, **kwargs):
+        packing = (kwargs.get("kwargs") or {}).get("dspark_packing")
+        if packing is not None:
+            return self._update_packed(key_states, value_states, packing)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, t = self.length, key_states.shape[-2]
@@ -55,6 +59,21 @@ class _SlotLayer(DynamicLayer):
         self._k[:, :, n : n + t] = key_states
         self._v[:, :, n : n + t] = value_states
         self.length = n + t
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        return self.keys, self.values
+
+    def _update_packed(self, key_states, value_states, p):
+        """A packed step (inference/packed.py): key_states (1, KV, B, hd) of the B packed tokens; every
+        row gets p.width new slots, zeros where it packed nothing (finite, masked)."""
+        if not (self.is_initialized and self.length) or self._k.shape[0] != p.rows:
+            raise ValueError(f"packed step over a cache of {self._k.shape[0] if self.is_initialized else 0} "
+                             f"filled rows, not {p.rows}: prefill first")
+        n = self.length
+        self._reserve(key_states, n + p.width, rows=p.rows)
+        for buf, new in ((self._k, key_states), (self._v, value_states)):
+            buf[:, :, n:n + p.width] = 0
+            buf[p.row, :, n + p.col] = new[0].transpose(0, 1)
+        self.length = n + p.width
         self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
         return self.keys, self.values
 

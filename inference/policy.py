@@ -15,18 +15,20 @@ candidates in order and keep going while the expected throughput Θ = τ* / step
 stop at the first non-improvement (the early stop is what keeps it lossless; a global search
 over all prefix sets is not). Two admission units:
 
-- `position`: one (r, j) at a time in order of decreasing a_{r,j} — the paper's walk, right for a
-  runtime whose step cost grows with the number of verified tokens B;
-- `column` (default here): block position j for every request at once, j = 1, 2, … — right for
-  our runtime, which pads every row to the widest (cost(R, T) depends on the widest row T, so a
-  position inside the current width is free and one beyond it widens every row).
+- `position` (default): one (r, j) at a time in order of decreasing a_{r,j} — the paper's walk, right
+  for a runtime whose step cost grows with the number of verified tokens B: ours with packed ragged
+  verification (inference/packed.py), costed as cost(R, B);
+- `column`: block position j for every request at once, j = 1, 2, ….
 
-After the walk, `position` fills each row up to the chosen width: those slots are computed anyway,
-and the fill depends only on admitted positions, so it keeps the rule above.
+With `packed=False` (a runtime that pads every row to the widest) the cost is cost(R, widest row):
+a position inside the current width is then free, so after the walk `position` fills each row up to
+the chosen width; the fill depends only on admitted positions, so it keeps the rule above.
 """
 from __future__ import annotations
 
 import re
+
+from .profile import packed_cost
 
 
 class Policy:
@@ -98,10 +100,11 @@ class ConfidenceScheduler(Policy):
 
     name = "sched"
 
-    def __init__(self, step_cost, unit: str = "column", draft_cost: float | None = None, max_skip: int = 16):
+    def __init__(self, step_cost, unit: str = "position", draft_cost: float | None = None, max_skip: int = 16,
+                 packed: bool = True):
         if unit not in ("column", "position"):
             raise ValueError(f"unknown admission unit '{unit}': column | position")
-        self.step_cost, self.unit = step_cost, unit
+        self.step_cost, self.unit, self.packed = step_cost, unit, packed
         self.fixed_draft = draft_cost
         self.draft_mean: dict[int, tuple[float, int]] = {}   # rows → (mean seconds, observations)
         self.max_skip, self.misses, self.skip = max_skip, 0, 0
@@ -134,8 +137,10 @@ class ConfidenceScheduler(Policy):
             return 0.0
         return self.draft_mean[min(self.draft_mean, key=lambda seen: (abs(seen - r), -seen))][0]
 
-    def _theta(self, tau: float, r: int, width: int) -> float:
-        return tau / (self.step_cost(r, width) + self.draft_cost(r))
+    def _theta(self, tau: float, r: int, width: int, tokens: int) -> float:
+        """Expected tokens per second of a step: `tokens` verified in r rows, the widest `width`."""
+        cost = packed_cost(self.step_cost, r, tokens) if self.packed else self.step_cost(r, width)
+        return tau / (cost + self.draft_cost(r))
 
     def choose(self, states, proposals, limits) -> list[int]:
         surv = [survival(p, lim) for p, lim in zip(proposals, limits)]
@@ -143,14 +148,14 @@ class ConfidenceScheduler(Policy):
 
     def _columns(self, surv: list[list[float]]) -> list[int]:
         r = len(surv)
-        tau, width = float(r), 1
-        theta = self._theta(tau, r, width)
+        tau, width, tokens = float(r), 1, r
+        theta = self._theta(tau, r, width, tokens)
         for j in range(max((len(s) for s in surv), default=0)):
-            gain = sum(s[j] for s in surv if len(s) > j)
-            new = self._theta(tau + gain, r, j + 2)
+            have = [s[j] for s in surv if len(s) > j]
+            new = self._theta(tau + sum(have), r, j + 2, tokens + len(have))
             if not new > theta:
                 break
-            tau, width, theta = tau + gain, j + 2, new
+            tau, width, tokens, theta = tau + sum(have), j + 2, tokens + len(have), new
         self._account(theta, r)
         return [min(len(s), width - 1) for s in surv]
 
@@ -158,15 +163,18 @@ class ConfidenceScheduler(Policy):
         r = len(surv)
         order = sorted(((a, j, i) for i, s in enumerate(surv) for j, a in enumerate(s)),
                        key=lambda t: (-t[0], t[1], t[2]))   # ties: earlier position first (prefixes)
-        tau, width = float(r), 1
-        theta = self._theta(tau, r, width)
-        for a, j, _ in order:
+        tau, width, admitted = float(r), 1, [0] * r
+        theta = self._theta(tau, r, width, r)
+        for a, j, i in order:
             new_width = max(width, j + 2)
-            new = self._theta(tau + a, r, new_width)
+            new = self._theta(tau + a, r, new_width, r + sum(admitted) + 1)
             if not new > theta:
                 break
             tau, width, theta = tau + a, new_width, new
+            admitted[i] = max(admitted[i], j + 1)   # a_{i,j} never grows with j: admissions form prefixes
         self._account(theta, r)
+        if self.packed:
+            return admitted
         return [min(len(s), width - 1) for s in surv]    # fill: slots inside the width are computed anyway
 
 
@@ -185,7 +193,8 @@ def parse_policy(name) -> tuple[str, int | None]:
     raise ValueError(f"unknown policy {name!r}: {POLICIES}")
 
 
-def make_policy(name: str, step_cost=None, threshold: float = 0.5, unit: str = "column") -> Policy:
+def make_policy(name: str, step_cost=None, threshold: float = 0.5, unit: str = "position",
+                packed: bool = True) -> Policy:
     """The policy `name` names (see `parse_policy`); `sched` needs `step_cost`."""
     kind, n = parse_policy(name)
     if kind == "all":
@@ -193,7 +202,7 @@ def make_policy(name: str, step_cost=None, threshold: float = 0.5, unit: str = "
     if kind == "sched":
         if step_cost is None:
             raise ValueError("the scheduler needs a step-cost profile")
-        return ConfidenceScheduler(step_cost, unit=unit)
+        return ConfidenceScheduler(step_cost, unit=unit, packed=packed)
     if kind == "threshold":
         return StaticThreshold(threshold)
     return FixedLength(n)

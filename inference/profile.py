@@ -76,6 +76,16 @@ class StepCost:
         return {"meta": self.meta, "table": {str(r): row for r, row in self.table.items()}}
 
 
+def packed_cost(cost, r: int, b: int) -> float:
+    """Seconds of a packed step (inference/packed.py) of b tokens in r rows from a padded cost(R, T):
+    the padded step with the same tokens, width b / r, interpolated between whole widths. Its linear
+    layers cost the same; attention is a small share at these sizes."""
+    t = b / r
+    lo = max(int(t), 1)
+    c_lo = cost(r, lo)
+    return c_lo + (cost(r, lo + 1) - c_lo) * (t - lo) if t > lo else c_lo
+
+
 @torch.no_grad()
 def measure(target, rows: list[int], max_width: int, context: int = 256, repeats: int = 5,
             want_hidden: bool = True, progress: bool = True) -> dict[int, list[float]]:

@@ -65,9 +65,10 @@ def test_column_unit_admits_positions_for_all_requests_together():
     cost = table_cost({2: [2.0, 2.4, 3.5, 4.0]})
     confs = [[0.9, 0.5, 0.5], [0.3, 0.1, 0.1]]
     # width 1: 2/2 = 1.0; width 2: (2 + 1.2)/2.4 = 1.33; width 3: (3.2 + 0.45 + 0.03)/3.5 = 1.05 → stop at 2
-    assert choose(ConfidenceScheduler(cost, draft_cost=0.0), confs) == [1, 1]
+    padded = dict(unit="column", packed=False)
+    assert choose(ConfidenceScheduler(cost, draft_cost=0.0, **padded), confs) == [1, 1]
     # a bigger per-step overhead (draft time) makes longer verification relatively cheaper
-    assert choose(ConfidenceScheduler(cost, draft_cost=10.0), confs) == [3, 3]
+    assert choose(ConfidenceScheduler(cost, draft_cost=10.0, **padded), confs) == [3, 3]
 
 
 def test_position_unit_walks_by_decreasing_survival_then_fills_the_width():
@@ -75,7 +76,19 @@ def test_position_unit_walks_by_decreasing_survival_then_fills_the_width():
     # (0,1) a=0.72 widens to 3: (3.62)/3.0 = 1.207 < 1.318 → stop. Row 1 fills the width: ℓ = 1.
     cost = table_cost({2: [2.0, 2.2, 3.0, 3.1]})
     confs = [[0.9, 0.8, 0.9], [0.2, 0.9, 0.9]]
-    assert choose(ConfidenceScheduler(cost, unit="position", draft_cost=0.0), confs) == [1, 1]
+    assert choose(ConfidenceScheduler(cost, unit="position", draft_cost=0.0, packed=False), confs) == [1, 1]
+
+
+def test_packed_position_walk_pays_per_verified_token():
+    """Packed verification (the default): a step costs cost(R, B / R) for B verified tokens, so a row
+    verifies only what it admitted, and a sure draft of one row does not drag the other along."""
+    cost = table_cost({2: [2.0, 2.2, 3.0, 3.1]})
+    confs = [[0.9, 0.8, 0.9], [0.2, 0.9, 0.9]]
+    # B=3 (width 1.5): 2.1 → Θ 2.9/2.1 = 1.381 > 1.0; (0,1) a=0.72, B=4: 2.2 → 3.62/2.2 = 1.645;
+    # (0,2) a=0.648, B=5: 2.6 → 4.268/2.6 = 1.642 < 1.645 → stop: row 0 verifies 2, row 1 nothing
+    assert choose(ConfidenceScheduler(cost, draft_cost=0.0), confs) == [2, 0]
+    from dspark.inference.profile import packed_cost
+    assert packed_cost(cost, 2, 3) == pytest.approx(2.1) and packed_cost(cost, 2, 4) == cost(2, 2)
 
 
 def test_comparison_policies():
@@ -131,9 +144,11 @@ def test_decision_for_position_k_ignores_later_positions(policy_name):
         changed = [list(c) for c in confs]
         changed[who][k:] = [rng.random() for _ in range(g - k)]
         new = choose(policy, changed, limits)
-        for i in range(r):
-            for pos in range(1, k + 1):      # "position pos is verified" for every request, pos ≤ k
-                assert (base[i] >= pos) == (new[i] >= pos), (trial, confs, changed, base, new, who, k)
+        # the rule is per request: "position pos of `who` is verified", pos ≤ k, must not change (other
+        # requests may move: their decisions may depend on anything about `who`, whose drafts are
+        # independent of theirs)
+        for pos in range(1, k + 1):
+            assert (base[who] >= pos) == (new[who] >= pos), (trial, confs, changed, base, new, who, k)
 
 
 def test_scheduler_verifies_less_under_load_with_the_design_cost_model():
