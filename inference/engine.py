@@ -24,7 +24,7 @@ from dspark.models.target import layer_features
 
 from .batching import Admission, Timing, prefill_groups
 from .cache import SlotCache
-from .packed import Packing, additive_mask
+from .packed import PACK_BELOW, Packing, additive_mask, packable
 from .drafters import Drafter, Proposal, RequestState
 from .policy import VerifyAll
 from .verify import target_probs, verify_greedy, verify_sampled
@@ -101,9 +101,6 @@ class Result:
         return self.stats.summary()
 
 
-PACK_BELOW = 0.75   # measured on SmolLM2 (2 threads): packed/padded 0.57–0.83 at ≤ ¾ full, 1.02–1.06 nearly full
-
-
 class Engine:
     """Speculative (or plain, with `drafter=None`) decoding of a batch of requests on a target."""
 
@@ -122,7 +119,8 @@ class Engine:
         self.record_margins, self.record_logits = record_margins, record_logits
         self.record_blocks = record_blocks
         self.prefill_tokens = prefill_tokens   # rows × longest prompt per prefill forward: bounds its memory
-        self.packed = packed   # ragged steps run only their admitted tokens (inference/packed.py)
+        # ragged steps run only their admitted tokens (inference/packed.py), where the target's attention allows
+        self.packed = packed and packable(target.model.config)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -260,7 +258,7 @@ class Engine:
         ids, pos, new_valid = ids.to(self.device), pos.to(self.device), new_valid.to(self.device)
         sizes = (lengths + 1).tolist()
         # ragged: run B = Σ sizes tokens, not r × width (packing's own cost is ~3 ms: worth it below ¾ full)
-        if self.packed and sum(sizes) <= PACK_BELOW * r * width:
+        if self.packed and cache.num_slots and sum(sizes) <= PACK_BELOW * r * width:
             packing = Packing.of(sizes, width, self.device)
             mask = additive_mask(cache.valid, new_valid, self.target.dtype)
             out = self.target.cached_forward(packing.pack(ids), mask, packing.pack(pos), cache, self._wants_hidden(),

@@ -18,6 +18,17 @@ import torch
 from transformers import AttentionInterface
 
 ATTENTION = "dspark_packed"
+PACK_BELOW = 0.75   # pack when B ≤ this × R × width: packed/padded 0.57–0.83 there, 1.02–1.06 nearly full (SmolLM2)
+
+
+def packable(config) -> bool:
+    """Whether the target's attention is what `packed_attention` computes: full causal attention in every
+    layer, no sliding window, no logit softcapping, no attention sinks (else the runtime pads)."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (all(t == "full_attention" for t in layer_types)
+            and not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+            and getattr(config, "attn_logit_softcapping", None) is None
+            and not getattr(config, "use_sinks", False))
 
 
 @dataclass
@@ -29,9 +40,8 @@ class Packing:
     row: torch.Tensor     # (B,) long
     col: torch.Tensor     # (B,) long
 
-    @property
-    def index(self) -> torch.Tensor:
-        return self.row * self.width + self.col
+    def __post_init__(self):
+        self.index = self.row * self.width + self.col   # (B,) position in the flattened (rows × width) grid
 
     @classmethod
     def of(cls, lengths: list[int], width: int, device) -> "Packing":
@@ -65,6 +75,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     """query (1, H, B, hd) of the packed tokens; key/value (R, KV, S, hd) the whole slot cache (this
     step's keys included); attention_mask from `additive_mask` → (1, B, H, hd)."""
     p: Packing = kwargs["dspark_packing"]
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
+        raise ValueError("packed verification computes full causal attention only: this target's layers need "
+                         "more (sliding window, softcapping or sinks); run it with packed=False")
     _, h, _, hd = query.shape
     q = query.new_zeros((p.rows * p.width, h, hd))
     q[p.index] = query[0].transpose(0, 1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 
+from .packed import PACK_BELOW
 from .profile import packed_cost
 
 
@@ -139,7 +140,8 @@ class ConfidenceScheduler(Policy):
 
     def _theta(self, tau: float, r: int, width: int, tokens: int) -> float:
         """Expected tokens per second of a step: `tokens` verified in r rows, the widest `width`."""
-        cost = packed_cost(self.step_cost, r, tokens) if self.packed else self.step_cost(r, width)
+        packs = self.packed and tokens <= PACK_BELOW * r * width   # the engine's own rule (inference/packed.py)
+        cost = packed_cost(self.step_cost, r, tokens) if packs else self.step_cost(r, width)
         return tau / (cost + self.draft_cost(r))
 
     def choose(self, states, proposals, limits) -> list[int]:

@@ -103,6 +103,9 @@ class Target:
                               output_hidden_states=hidden, logits_to_keep=logits_to_keep)
         from dspark.inference.packed import ATTENTION
 
+        if logits_to_keep:
+            raise ValueError("a packed forward keeps every token's logits (logits_to_keep=0)")
+
         config, before = self.model.config, self.model.config._attn_implementation
         config._attn_implementation = ATTENTION   # read by every attention layer at call time
         try:

@@ -6,7 +6,7 @@ from conftest import tiny_head
 from dspark.inference import DSparkDrafter, Engine
 from dspark.inference.cache import SlotCache
 from dspark.inference.drafters import Drafter, Proposal, PromptLookupDrafter
-from dspark.inference.packed import Packing, additive_mask
+from dspark.inference.packed import Packing, additive_mask, packable
 
 
 def _prefilled(target, prompts):
@@ -104,3 +104,21 @@ def test_packed_cost_benchmark_prints_both_steps(capsys):
     main(["--target", "tiny", "--rows", "2", "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 2 and all(float(line.split("|")[-2]) > 0 for line in rows)
+
+
+def test_only_full_causal_attention_is_packed(tiny_target, tiny_prompts):
+    from types import SimpleNamespace
+
+    assert packable(tiny_target.model.config) and Engine(tiny_target).packed
+    for other in (dict(sliding_window=4096, use_sliding_window=True), dict(attn_logit_softcapping=50.0),
+                  dict(layer_types=["full_attention", "sliding_attention"]), dict(use_sinks=True)):
+        assert not packable(SimpleNamespace(**other)), other
+    assert packable(SimpleNamespace(sliding_window=4096, use_sliding_window=False))   # Qwen2 with the window off
+
+
+def test_one_token_prompts_never_pack_an_empty_cache(tiny_target):
+    """Nothing in the cache after the prefill of one-token prompts: the first step must run padded."""
+    bos = tiny_target.eos_token_ids[0]
+    plain = Engine(tiny_target).generate([[bos], [bos]], 8).outputs
+    res = Engine(tiny_target, Ragged(dict(enumerate(plain))), gamma=4).generate([[bos], [bos]], 8)
+    assert res.outputs == plain
