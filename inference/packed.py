@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface
 
 ATTENTION = "dspark_packed"
-PACK_BELOW = 0.75   # pack when B ≤ this × R × width: packed/padded 0.57–0.83 there, 1.02–1.06 nearly full (SmolLM2)
+PACK_BELOW = 0.75   # pack when B ≤ this × R × width: packed/padded 0.55–0.95 there, 1.04 nearly full (SmolLM2)
 
 
 def packable(config) -> bool:
