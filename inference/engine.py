@@ -24,7 +24,7 @@ from dspark.models.target import layer_features
 
 from .batching import Admission, Timing, prefill_groups
 from .cache import SlotCache
-from .packed import PACK_BELOW, Packing, additive_mask, packable
+from .packed import PACK_BELOW, Packing, packable, packed_forward
 from .drafters import Drafter, Proposal, RequestState
 from .policy import VerifyAll
 from .verify import target_probs, verify_greedy, verify_sampled
@@ -259,15 +259,8 @@ class Engine:
         sizes = (lengths + 1).tolist()
         # ragged: run B = Σ sizes tokens, not r × width (packing's own cost is ~3 ms: worth it below ¾ full)
         if self.packed and cache.num_slots and sum(sizes) <= PACK_BELOW * r * width:
-            packing = Packing.of(sizes, width, self.device)
-            mask = additive_mask(cache.valid, new_valid, self.target.dtype)
-            out = self.target.cached_forward(packing.pack(ids), mask, packing.pack(pos), cache, self._wants_hidden(),
-                                             packing=packing)
-            out.logits = packing.unpack(out.logits)
-            if out.hidden_states is not None:   # only the drafter's feature layers are read
-                need = set(self.drafter.feature_layers if self.drafter is not None else ())
-                out.hidden_states = tuple(packing.unpack(h) if i in need else None
-                                          for i, h in enumerate(out.hidden_states))
+            out = packed_forward(self.target, ids, cache.valid, new_valid, pos, cache, self._wants_hidden(),
+                                 Packing.of(sizes, width, self.device))
         else:
             out = self.target.cached_forward(ids, cache.attention_mask(new_valid), pos, cache, self._wants_hidden())
         cache.append_valid(new_valid)

@@ -92,3 +92,22 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
+
+
+def packed_forward(target, ids: torch.Tensor, past_valid: torch.Tensor, new_valid: torch.Tensor, pos: torch.Tensor,
+                   cache, hidden: bool, packing: Packing):
+    """The verification forward of a ragged step, packed: ids and pos (R, width) as the padded step would
+    run them, `past_valid` (R, S) the cache's slots, `new_valid` (R, width) the rows' verified columns. Returns
+    the Hugging Face output with `.logits` (and the `.hidden_states`) unpacked to (R, width, …), zeros
+    where nothing was verified."""
+    config, before = target.model.config, target.model.config._attn_implementation
+    config._attn_implementation = ATTENTION   # read by every attention layer at call time; this forward only
+    try:
+        out = target.cached_forward(packing.pack(ids), additive_mask(past_valid, new_valid, target.dtype),
+                                    packing.pack(pos), cache, hidden, dspark_packing=packing)
+    finally:
+        config._attn_implementation = before
+    out.logits = packing.unpack(out.logits)
+    if out.hidden_states is not None:
+        out.hidden_states = tuple(packing.unpack(h) for h in out.hidden_states)
+    return out

@@ -92,27 +92,14 @@ class Target:
         return hidden.to(w.device, w.dtype) @ w.t()
 
     def cached_forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache,
-                       hidden: bool = False, logits_to_keep: int = 0, packing=None):
+                       hidden: bool = False, logits_to_keep: int = 0, **kwargs):
         """The runtime's prefill or verification pass: ids (R, T) at positions `pos` over the slot
         `cache` (inference/cache.py), which it extends by T slots; `mask` (R, S + T) marks the valid
         slots, past and new. Returns the Hugging Face output: `.logits` of the last `logits_to_keep`
-        positions (0: all), `.hidden_states` when `hidden`. With `packing` (inference/packed.py): ids and
-        pos are (1, B), the packed tokens of R rows, and `mask` the (R, 1, W, S + W) additive mask."""
-        if packing is None:
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                              output_hidden_states=hidden, logits_to_keep=logits_to_keep)
-        from dspark.inference.packed import ATTENTION
-
-        if logits_to_keep:
-            raise ValueError("a packed forward keeps every token's logits (logits_to_keep=0)")
-
-        config, before = self.model.config, self.model.config._attn_implementation
-        config._attn_implementation = ATTENTION   # read by every attention layer at call time
-        try:
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                              output_hidden_states=hidden, logits_to_keep=logits_to_keep, dspark_packing=packing)
-        finally:
-            config._attn_implementation = before
+        positions (0: all), `.hidden_states` when `hidden`. `kwargs` reach the cache and the attention
+        function (inference/packed.py)."""
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                          output_hidden_states=hidden, logits_to_keep=logits_to_keep, **kwargs)
 
     def hf_generate(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Hugging Face `generate` on the target (the outside baseline and the oracle's greedy streams)."""

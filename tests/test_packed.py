@@ -6,7 +6,7 @@ from conftest import tiny_head
 from dspark.inference import DSparkDrafter, Engine
 from dspark.inference.cache import SlotCache
 from dspark.inference.drafters import Drafter, Proposal, PromptLookupDrafter
-from dspark.inference.packed import Packing, additive_mask, packable
+from dspark.inference.packed import Packing, packable, packed_forward
 
 
 def _prefilled(target, prompts):
@@ -35,10 +35,9 @@ def test_packed_step_equals_the_padded_step(tiny_target, tiny_prompts):
         pos = nxt[:, None] + torch.arange(width)[None, :]
         if packed:
             p = Packing.of(sizes, width, ids.device)
-            out = tiny_target.cached_forward(p.pack(ids), additive_mask(cache.valid, new_valid, tiny_target.dtype),
-                                             p.pack(pos), cache, hidden=True, packing=p)
-            assert out.logits.shape[:2] == (1, sum(sizes))
-            logits, hidden = p.unpack(out.logits), p.unpack(out.hidden_states[-1])
+            out = packed_forward(tiny_target, ids, cache.valid, new_valid, pos, cache, True, p)
+            logits, hidden = out.logits, out.hidden_states[-1]
+            assert tiny_target.model.config._attn_implementation == "eager"   # restored after the forward
         else:
             out = tiny_target.cached_forward(ids, cache.attention_mask(new_valid), pos, cache, hidden=True)
             logits, hidden = out.logits, out.hidden_states[-1]
@@ -71,9 +70,9 @@ def test_ragged_rows_are_packed_and_outputs_stay_plain(tiny_target, tiny_prompts
     packed_steps = []
     real = tiny_target.cached_forward
 
-    def watch(*args, packing=None, **kw):
-        packed_steps.append(packing is not None)
-        return real(*args, packing=packing, **kw)
+    def watch(*args, **kw):
+        packed_steps.append("dspark_packing" in kw)
+        return real(*args, **kw)
 
     monkeypatch.setattr(tiny_target, "cached_forward", watch)
     for drafter in (Ragged(dict(enumerate(plain))), PromptLookupDrafter(),
@@ -99,7 +98,7 @@ def test_sampled_packed_steps_equal_padded_ones(tiny_target, tiny_prompts):
 
 
 def test_packed_cost_benchmark_prints_both_steps(capsys):
-    from dspark.eval.packed_cost import main
+    from dspark.packed_cost import main
 
     main(["--target", "tiny", "--rows", "2", "--repeats", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
