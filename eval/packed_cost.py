@@ -30,7 +30,8 @@ def step_times(target, sizes: list[int], width: int, context: int, repeats: int)
         for mode in times:
             t0 = time.perf_counter()
             if mode == "packed":
-                packed_forward(target, new, cache.valid, new_valid, pos, cache, True, Packing.of(sizes, width, dev))
+                packed_forward(target, new, cache.valid, new_valid, pos, cache, (target.num_layers,),
+                               Packing.of(sizes, width, dev))
             else:
                 target.cached_forward(new, cache.attention_mask(new_valid), pos, cache, True)
             if dev.type == "cuda":

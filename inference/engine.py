@@ -24,7 +24,7 @@ from dspark.models.target import layer_features
 
 from .batching import Admission, Timing, prefill_groups
 from .cache import SlotCache
-from .packed import PACK_BELOW, Packing, packable, packed_forward
+from .packed import Packing, packable, packed_forward, packs
 from .drafters import Drafter, Proposal, RequestState
 from .policy import VerifyAll
 from .verify import target_probs, verify_greedy, verify_sampled
@@ -258,8 +258,9 @@ class Engine:
         ids, pos, new_valid = ids.to(self.device), pos.to(self.device), new_valid.to(self.device)
         sizes = (lengths + 1).tolist()
         # ragged: run B = Σ sizes tokens, not r × width (packing's own cost is ~3 ms: worth it below ¾ full)
-        if self.packed and cache.num_slots and sum(sizes) <= PACK_BELOW * r * width:
-            out = packed_forward(self.target, ids, cache.valid, new_valid, pos, cache, self._wants_hidden(),
+        if self.packed and cache.num_slots and packs(sum(sizes), r, width):
+            layers = tuple(self.drafter.feature_layers) if self._wants_hidden() else ()
+            out = packed_forward(self.target, ids, cache.valid, new_valid, pos, cache, layers,
                                  Packing.of(sizes, width, self.device))
         else:
             out = self.target.cached_forward(ids, cache.attention_mask(new_valid), pos, cache, self._wants_hidden())

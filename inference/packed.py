@@ -21,6 +21,12 @@ ATTENTION = "dspark_packed"
 PACK_BELOW = 0.75   # pack when B ≤ this × R × width: packed/padded 0.55–0.95 there, 1.04 nearly full (SmolLM2)
 
 
+def packs(tokens: int, rows: int, width: int) -> bool:
+    """The runtime's rule: a step of `tokens` verified tokens in rows × width runs packed (the scheduler
+    prices steps by the same rule)."""
+    return tokens <= PACK_BELOW * rows * width
+
+
 def packable(config) -> bool:
     """Whether the target's attention is what `packed_attention` computes: full causal attention in every
     layer, no sliding window, no logit softcapping, no attention sinks (else the runtime pads)."""
@@ -95,19 +101,19 @@ AttentionInterface.register(ATTENTION, packed_attention)
 
 
 def packed_forward(target, ids: torch.Tensor, past_valid: torch.Tensor, new_valid: torch.Tensor, pos: torch.Tensor,
-                   cache, hidden: bool, packing: Packing):
+                   cache, layers: tuple[int, ...], packing: Packing):
     """The verification forward of a ragged step, packed: ids and pos (R, width) as the padded step would
     run them, `past_valid` (R, S) the cache's slots, `new_valid` (R, width) the rows' verified columns. Returns
-    the Hugging Face output with `.logits` (and the `.hidden_states`) unpacked to (R, width, …), zeros
-    where nothing was verified."""
+    the Hugging Face output with `.logits` and the `.hidden_states` at `layers` (the others None; none at
+    all when `layers` is empty) unpacked to (R, width, …), zeros where nothing was verified."""
     config, before = target.model.config, target.model.config._attn_implementation
     config._attn_implementation = ATTENTION   # read by every attention layer at call time; this forward only
     try:
         out = target.cached_forward(packing.pack(ids), additive_mask(past_valid, new_valid, target.dtype),
-                                    packing.pack(pos), cache, hidden, dspark_packing=packing)
+                                    packing.pack(pos), cache, bool(layers), dspark_packing=packing)
     finally:
         config._attn_implementation = before
     out.logits = packing.unpack(out.logits)
     if out.hidden_states is not None:
-        out.hidden_states = tuple(packing.unpack(h) for h in out.hidden_states)
+        out.hidden_states = tuple(packing.unpack(h) if i in layers else None for i, h in enumerate(out.hidden_states))
     return out

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-from .packed import PACK_BELOW
+from .packed import packs
 from .profile import packed_cost
 
 
@@ -140,8 +140,8 @@ class ConfidenceScheduler(Policy):
 
     def _theta(self, tau: float, r: int, width: int, tokens: int) -> float:
         """Expected tokens per second of a step: `tokens` verified in r rows, the widest `width`."""
-        packs = self.packed and tokens <= PACK_BELOW * r * width   # the engine's own rule (inference/packed.py)
-        cost = packed_cost(self.step_cost, r, tokens) if packs else self.step_cost(r, width)
+        packed = self.packed and packs(tokens, r, width)   # the engine's own rule
+        cost = packed_cost(self.step_cost, r, tokens) if packed else self.step_cost(r, width)
         return tau / (cost + self.draft_cost(r))
 
     def choose(self, states, proposals, limits) -> list[int]:
@@ -165,14 +165,14 @@ class ConfidenceScheduler(Policy):
         r = len(surv)
         order = sorted(((a, j, i) for i, s in enumerate(surv) for j, a in enumerate(s)),
                        key=lambda t: (-t[0], t[1], t[2]))   # ties: earlier position first (prefixes)
-        tau, width, admitted = float(r), 1, [0] * r
-        theta = self._theta(tau, r, width, r)
+        tau, width, tokens, admitted = float(r), 1, r, [0] * r
+        theta = self._theta(tau, r, width, tokens)
         for a, j, i in order:
             new_width = max(width, j + 2)
-            new = self._theta(tau + a, r, new_width, r + sum(admitted) + 1)
+            new = self._theta(tau + a, r, new_width, tokens + 1)
             if not new > theta:
                 break
-            tau, width, theta = tau + a, new_width, new
+            tau, width, tokens, theta = tau + a, new_width, tokens + 1, new
             admitted[i] = max(admitted[i], j + 1)   # a_{i,j} never grows with j: admissions form prefixes
         self._account(theta, r)
         if self.packed:

@@ -35,7 +35,7 @@ def test_packed_step_equals_the_padded_step(tiny_target, tiny_prompts):
         pos = nxt[:, None] + torch.arange(width)[None, :]
         if packed:
             p = Packing.of(sizes, width, ids.device)
-            out = packed_forward(tiny_target, ids, cache.valid, new_valid, pos, cache, True, p)
+            out = packed_forward(tiny_target, ids, cache.valid, new_valid, pos, cache, (tiny_target.num_layers,), p)
             logits, hidden = out.logits, out.hidden_states[-1]
             assert tiny_target.model.config._attn_implementation == "eager"   # restored after the forward
         else:
