@@ -113,6 +113,37 @@ def test_trained_head_learns_and_stays_lossless(data_dir, tmp_path, tiny_target,
         assert outs == plain
 
 
+def test_walk_tau_steps_over_accepted_runs():
+    from dspark.train.losses import walk_tau
+
+    # anchors 10..16 predict response tokens 11..17: steps from 10 (two drafts accepted: 11, 12 and the
+    # target's 13), 13 (one: 14, 15), 15 and 16 (the last token: the step makes only 17)
+    lead = torch.tensor([2, 0, 0, 1, 0, 0, 0])
+    assert walk_tau(lead, torch.arange(10, 17), torch.ones(7, dtype=torch.bool)) == (7, 4)
+    assert walk_tau(torch.full((7,), 7), torch.arange(10, 17), torch.ones(7, dtype=torch.bool)) == (7, 1)
+    assert walk_tau(lead, torch.arange(7), torch.zeros(7, dtype=torch.bool)) == (0, 0)
+
+
+def test_walk_tau_is_the_runtime_tau_of_verify_all(data_dir, tmp_path):
+    """On greedy self-distilled rows (fp32 tiny target) the validation walk predicts, row by row, the
+    tokens and target forwards of the runtime verifying every drafted token."""
+    t = Trainer(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path}", "max_steps=80",
+                            "eval_every=80", "save_every=0", "optim.lr=3e-3"))
+    report = t.fit()
+    assert 1.0 < report["val_tau_walk"] and "val_tau_walk" in report["curve"][-1]
+    t.head.eval()
+    engine = Engine(t.target, DSparkDrafter(t.head, t.target), gamma=7)
+    accepted = 0
+    for row in t.train_rows:
+        start = row["loss_mask"].index(1)
+        want = t.objective.walk(collate([row]), t.head)
+        res = engine.generate([row["input_ids"][:start]], sum(row["loss_mask"]))
+        assert res.outputs[0] == row["input_ids"][start:]
+        assert (res.stats.tokens, res.stats.request_steps) == want
+        accepted += res.stats.accepted
+    assert accepted > 0        # drafts were accepted (at the first anchor too): more than plain steps tested
+
+
 def test_bad_input_is_one_clear_error(data_dir, tmp_path):
     with pytest.raises(DSparkError, match="no dataset"):
         train(compose_cfg("train", *FAST, f"output_dir={tmp_path}", f"data_dir={tmp_path / 'nothing'}"))

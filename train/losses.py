@@ -48,6 +48,25 @@ def expected_tau(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return 1 + torch.cumprod(accept.float() * valid, -1).sum(-1)
 
 
+def walk_tau(leading: torch.Tensor, anchors: torch.Tensor, ok: torch.Tensor) -> tuple[int, int]:
+    """The greedy runtime's walk over one response, verifying every drafted token: the first step is
+    anchored at the prompt's last token (the runtime's prefill stops before it), a step from anchor n
+    accepts `leading[n]` drafted tokens plus the target's own, and the next step is anchored after them.
+    leading (A,) greedy leading-match length at the anchor positions anchors (A,) (every position whose
+    next token is a response token), ok (A,) the anchors that exist. Returns (tokens, steps):
+    τ = tokens / steps is what verify-all measures on this text (the runtime's τ), unlike the mean over
+    uniform anchors (expected_tau), which over-weights easy stretches that a walk crosses in few steps."""
+    at = {int(n): int(l) for n, l, o in zip(anchors, leading, ok) if o}
+    if not at:
+        return 0, 0
+    n, end = min(at), max(at) + 1          # anchor n predicts n+1 …; the last response token is at `end`
+    tokens = steps = 0
+    while n in at:
+        made = min(at[n] + 1, end - n)
+        tokens, steps, n = tokens + made, steps + 1, n + made
+    return tokens, steps
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup then cosine decay to min_ratio."""
     if step < warmup:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import sample_anchors
-from .losses import block_losses, position_weights
+from .losses import block_losses, position_weights, walk_tau
 
 
 class BlockObjective:
@@ -34,6 +34,30 @@ class BlockObjective:
                            target_logits.view(b * a, g, -1), labels.view(b * a, g), valid.view(b * a, g),
                            head.d2t, self.alpha)
         return out["loss"], out["count"], out
+
+    @torch.no_grad()
+    def walk(self, batch: dict, head) -> tuple[int, int]:
+        """(tokens, steps) of the greedy runtime walk over the batch's responses (losses.walk_tau), with
+        the dataset's tokens as the target's greedy choices (true for greedy regeneration): every
+        response position is an anchor, the draft's argmax must equal the next tokens in order."""
+        g, dev = head.config.gamma, head.d2t.device
+        feats, _ = self.features(batch)
+        ids = batch["input_ids"].to(dev)
+        anchors, valid = sample_anchors(batch["loss_mask"], ids.shape[1], g, None)
+        anchors, valid = anchors.to(dev), valid.to(dev)
+        b, a = anchors.shape
+        pos = (anchors[:, :, None] + torch.arange(g + 1, device=dev)).clamp_max(ids.shape[1] - 1)
+        toks = ids.gather(1, pos.view(b, -1)).view(b, a, g + 1)
+        out = self.model(feats.to(dev), ids, anchors, batch["valid"].to(dev), toks[..., :-1])
+        logits = out[0] if isinstance(out, tuple) else out
+        labels = head.t2d[toks[..., 1:]]
+        match = (logits.view(b, a, g, -1).argmax(-1) == labels) & (labels < logits.shape[-1]) & valid
+        leading = torch.cumprod(match.int(), -1).sum(-1)
+        tokens = steps = 0
+        for i in range(b):
+            t, s = walk_tau(leading[i].cpu(), anchors[i].cpu(), valid[i, :, 0].cpu())
+            tokens, steps = tokens + t, steps + s
+        return tokens, steps
 
     def blocks(self, batch: dict, gen: torch.Generator | None, g: int, dev):
         """Anchors and what every block is scored against: features (B, L, k·H), ids (B, L), anchors (B, A),

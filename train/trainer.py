@@ -225,6 +225,7 @@ class Trainer:
             greedy_taus.append(expected_tau(out["greedy"], out["valid"])[keep])
             accept.append(out["accept"][keep] * out["valid"][keep])
             greedy.append(out["greedy"][keep])
+        walked = [obj.walk(collate([row]), self.head) for row in self.val_rows]   # one row: dense anchors
         n = max(sums["count"], 1)
         acc_k = torch.cat(accept)
         g_k = torch.cat(greedy).float()
@@ -233,13 +234,14 @@ class Trainer:
                  "train_loss": st.get("train_loss"), "val_loss": sums["loss"] / n, "val_ce": sums["ce"] / n,
                  "val_l1": sums["l1"] / n, "val_bce": sums["bce"] / n,
                  "val_tau": float(torch.cat(taus).mean()), "val_tau_greedy": float(torch.cat(greedy_taus).mean()),
+                 "val_tau_walk": sum(t for t, _ in walked) / max(sum(s for _, s in walked), 1),
                  "val_acceptance_by_position": acc_k.mean(0).tolist(),
                  "val_greedy_acceptance_by_position":
                      ((g_k * reached).sum(0) / reached.sum(0).clamp_min(1)).tolist()}
         if self.acc.is_main_process:
             st["curve"].append(point)
             tqdm.write(f"step {st['step']}: val loss {point['val_loss']:.3f}  expected τ {point['val_tau']:.3f} "
-                       f"(greedy {point['val_tau_greedy']:.3f})  {self._rate():.0f} training positions/s")
+                       f"(greedy {point['val_tau_greedy']:.3f}, walk {point['val_tau_walk']:.3f})  {self._rate():.0f} training positions/s")
         self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
                       not isinstance(v, list)}, step=st["step"])
         self.head.train()
@@ -333,7 +335,8 @@ class Trainer:
             write_json_atomic(self.out / "train.json", summary)
             print(f"trained {c.kind} head ({summary['trainable_params'] / 1e6:.2f}M params) for {st['step']} steps "
                   f"in {st['seconds']:.0f}s: val loss {summary.get('val_loss', float('nan')):.3f}, expected τ "
-                  f"{summary.get('val_tau', float('nan')):.3f} (greedy {summary.get('val_tau_greedy', float('nan')):.3f}); "
+                  f"{summary.get('val_tau', float('nan')):.3f} (greedy {summary.get('val_tau_greedy', float('nan')):.3f}, "
+                  f"walk {summary.get('val_tau_walk', float('nan')):.3f}); "
                   f"head → {self.out / 'head'}")
         self.acc.wait_for_everyone()
         return summary
