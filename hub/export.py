@@ -131,7 +131,8 @@ def write_folder(folder: Path, head, target: dict, results: dict, dtype: torch.d
     t = results.get("train") or {}
     if t.get("val_tau") is not None:
         rows.append(f"- held-out validation during training: expected τ {t['val_tau']:.3f}"
-                    + (f", greedy τ {t['val_tau_greedy']:.3f}" if t.get("val_tau_greedy") is not None else ""))
+                    + (f", greedy τ {t['val_tau_greedy']:.3f}" if t.get("val_tau_greedy") is not None else "")
+                    + (f", walk τ {t['val_tau_walk']:.3f}" if t.get("val_tau_walk") is not None else ""))
     (folder / "vllm" / "README.md").write_text(model_card.render_vllm(config, rows))
 
 

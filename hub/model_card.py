@@ -61,8 +61,10 @@ def _header(c: dict, target: dict, results: dict, name: str, kind: str) -> str:
                       "dataset": {"type": "self-distilled", "name": "held-out self-distilled answers"},
                       "metrics": [{"type": "expected_tau", "name": "expected τ (sampling)",
                                    "value": round(t["val_tau"], 4)}]
-                      + ([{"type": "greedy_tau", "name": "greedy τ", "value": round(t["val_tau_greedy"], 4)}]
-                         if t.get("val_tau_greedy") is not None else [])})
+                      + [{"type": key, "name": name, "value": round(t[k], 4)}
+                         for k, key, name in (("val_tau_greedy", "greedy_tau", "greedy τ"),
+                                              ("val_tau_walk", "walk_tau", "greedy runtime τ (walk)"))
+                         if t.get(k) is not None]})
     if index:
         meta["model-index"] = [{"name": name, "results": index}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
@@ -156,8 +158,9 @@ def _training(t: dict | None, g: dict | None) -> str:
                      f"process(es), {t.get('train_rows')} training / {t.get('val_rows')} validation rows, "
                      f"{_f(t.get('positions_per_s'), '.0f')} training positions/s.")
         if t.get("val_tau") is not None:
+            walk = f", greedy runtime walk τ {_f(t.get('val_tau_walk'), '.3f')}" if t.get("val_tau_walk") else ""
             lines.append(f"- Held-out expected τ (sampling) {_f(t.get('val_tau'), '.3f')}, greedy τ "
-                         f"{_f(t.get('val_tau_greedy'), '.3f')}, validation loss {_f(t.get('val_loss'), '.3f')}.")
+                         f"{_f(t.get('val_tau_greedy'), '.3f')}{walk}, validation loss {_f(t.get('val_loss'), '.3f')}.")
     return "\n".join(lines) + "\n"
 
 

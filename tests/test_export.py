@@ -25,7 +25,7 @@ BENCH = {"target": "tiny", "dtype": "float32", "prompts": 3, "prompt_set": "huma
                                 "exact_match_rate": 1.0}}}
 TRAIN = {"objective": "dspark", "draft": "tiny", "trainable_params": 53761, "draft_vocab_size": 150, "gamma": 5,
          "steps": 321, "wall_s": 150.0, "processes": 1, "train_rows": 14, "val_rows": 2, "positions_per_s": 1357.8,
-         "val_tau": 1.8765, "val_tau_greedy": 1.6543, "val_loss": 1.111}
+         "val_tau": 1.8765, "val_tau_greedy": 1.6543, "val_tau_walk": 1.4321, "val_loss": 1.111}
 GENERATE = {"prompts": 16, "heldout": 2, "tokens": 2048,
             "settings": {"source": "sharegpt", "max_new_tokens": 128, "temperature": 0.0}}
 CALIBRATE = {"positions": [{"temperature": 1.25, "ece_before": 0.2468, "ece_after": 0.0135},
@@ -90,11 +90,11 @@ def test_card_carries_the_measured_numbers_and_omits_missing_sections(tiny_targe
     make_run(tmp_path, tiny_target, calibrate=False)
     export.run(export_cfg(tmp_path))
     card = (tmp_path / "export" / "README.md").read_text()
-    for number in ["2.35", "1.40×", "57.8", "1.877", "1.654", "321 steps", "2048 response tokens", "0.05M",
+    for number in ["2.35", "1.40×", "57.8", "1.877", "1.654", "1.432", "321 steps", "2048 response tokens", "0.05M",
                    "testbox 2 cpu", "`sched`"]:
         assert number in card, number
     assert card.startswith("---\nlibrary_name: dspark\n") and "speculative-decoding" in card
-    assert "value: 2.3456" in card and "value: 1.8765" in card          # Hub metadata metrics
+    assert "value: 2.3456" in card and "value: 1.8765" in card and "value: 1.4321" in card          # Hub metadata metrics
     assert "## Calibration" not in card                                   # no calibrate.json: no section
     for bad in ["TODO", "placeholder", "nan", "None", "XX"]:
         assert bad not in card, bad
