@@ -1,7 +1,9 @@
-"""`python -m dspark.packed_cost`: packed vs padded verification step, side by side (eval/packed_cost.py).
+"""`python -m dspark.packed_cost`: step costs side by side (eval/packed_cost.py).
 
-For R rows over a `--context`-token cache, one row verifies a full block (γ+1 tokens) and the others
-either only their anchor ("one long") or a random share of the block ("mixed").
+Packed vs padded verification: for R rows over a `--context`-token cache, one row verifies a full block
+(γ+1 tokens) and the others either only their anchor ("one long") or a random share of the block
+("mixed"). Then grouped vs Hugging Face eager attention in a decode step (one token per row), at
+`--decode-rows` rows over `--decode-contexts` cached tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    from dspark.eval.packed_cost import step_times
+    from dspark.eval.packed_cost import attention_times, step_times
     from dspark.models.target import load_target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,6 +28,8 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=8, help="γ + 1")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--decode-rows", type=int, nargs="+", default=[1, 8, 16, 48])
+    ap.add_argument("--decode-contexts", type=int, nargs="+", default=[256, 600])
     a = ap.parse_args(argv)
     target = load_target(OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text()))
     rng = random.Random(0)
@@ -40,6 +44,12 @@ def main(argv=None) -> None:
             padded, packed = step_times(target, sizes, a.width, a.context, a.repeats)
             print(f"| {r} | {kind} | {sum(sizes)} / {r * a.width} | {1e3 * padded:.1f} | {1e3 * packed:.1f} | "
                   f"{packed / padded:.2f} |", flush=True)
+    print("\n| decode rows | context | eager attention ms | grouped ms | grouped / eager |")
+    print("|---|---|---|---|---|")
+    for c in a.decode_contexts:
+        for r in a.decode_rows:
+            eager, grouped = attention_times(target, r, c, a.repeats)
+            print(f"| {r} | {c} | {1e3 * eager:.1f} | {1e3 * grouped:.1f} | {grouped / eager:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Packed vs padded verification step, side by side (`python -m dspark.packed_cost`, cli/packed_cost.py).
+"""Step costs side by side (`python -m dspark.packed_cost`, cli/packed_cost.py): packed vs padded
+verification, and grouped vs Hugging Face eager attention in a decode step.
 
-Both forwards run interleaved on the same cache (median of `repeats`), so the ratio is fair on a busy
-machine.
+Both forwards of a pair run interleaved on the same cache (median of `repeats`), so the ratio is fair on
+a busy machine.
 """
 from __future__ import annotations
 
@@ -14,30 +15,68 @@ from dspark.inference.cache import SlotCache
 from dspark.inference.packed import Packing, packed_forward
 
 
+def _filled_cache(target, rows: int, context: int) -> SlotCache:
+    dev = target.device
+    cache = SlotCache()
+    ids = torch.randint(0, target.vocab_size, (rows, context), device=dev)
+    valid = torch.ones(rows, context, dtype=torch.bool, device=dev)
+    target.cached_forward(ids, valid.long(), torch.arange(context, device=dev).expand(rows, -1), cache,
+                          logits_to_keep=1)
+    cache.append_valid(valid)
+    return cache
+
+
+def _timed(run, modes: list[str], repeats: int, dev) -> dict[str, float]:
+    """Median seconds of run(mode) per mode, the modes interleaved, after one warm-up round."""
+    times = {m: [] for m in modes}
+    for k in range(repeats + 1):
+        for mode in modes:
+            t0 = time.perf_counter()
+            run(mode)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if k:
+                times[mode].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def attention_times(target, rows: int, context: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of a decode step (one token per row over `context` cached tokens) with Hugging
+    Face's eager attention and with the grouped attention the runtime uses."""
+    dev = target.device
+    cache = _filled_cache(target, rows, context)
+    new, one = torch.randint(0, target.vocab_size, (rows, 1), device=dev), torch.ones(rows, 1, dtype=torch.bool)
+    pos = torch.full((rows, 1), context, device=dev)
+
+    def run(mode):
+        target.grouped_attention = mode == "grouped"
+        try:
+            target.cached_forward(new, cache.attention_mask(one.to(dev)), pos, cache)
+        finally:
+            target.grouped_attention = True
+        cache.append_valid(one.to(dev))
+        cache.truncate(1)
+
+    t = _timed(run, ["eager", "grouped"], repeats, dev)
+    return t["eager"], t["grouped"]
+
+
 def step_times(target, sizes: list[int], width: int, context: int, repeats: int) -> tuple[float, float]:
     """Median seconds of the padded and the packed step for rows of `sizes` tokens each."""
     r, dev = len(sizes), target.device
-    cache = SlotCache()
-    ids = torch.randint(0, target.vocab_size, (r, context), device=dev)
-    valid = torch.ones(r, context, dtype=torch.bool, device=dev)
-    target.cached_forward(ids, valid.long(), torch.arange(context, device=dev).expand(r, -1), cache, logits_to_keep=1)
-    cache.append_valid(valid)
+    cache = _filled_cache(target, r, context)
     new = torch.randint(0, target.vocab_size, (r, width), device=dev)
     new_valid = torch.arange(width, device=dev)[None] < torch.tensor(sizes, device=dev)[:, None]
     pos = context + torch.arange(width, device=dev).expand(r, -1)
-    times = {"padded": [], "packed": []}
-    for k in range(repeats + 1):
-        for mode in times:
-            t0 = time.perf_counter()
-            if mode == "packed":
-                packed_forward(target, new, cache.valid, new_valid, pos, cache, (target.num_layers,),
-                               Packing.of(sizes, width, dev))
-            else:
-                target.cached_forward(new, cache.attention_mask(new_valid), pos, cache, True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if k:   # the first round is a warm-up
-                times[mode].append(time.perf_counter() - t0)
-            cache.append_valid(new_valid)
-            cache.truncate(width)
-    return statistics.median(times["padded"]), statistics.median(times["packed"])
+
+    def run(mode):
+        if mode == "packed":
+            packed_forward(target, new, cache.valid, new_valid, pos, cache, (target.num_layers,),
+                           Packing.of(sizes, width, dev))
+        else:
+            target.cached_forward(new, cache.attention_mask(new_valid), pos, cache, True)
+        cache.append_valid(new_valid)
+        cache.truncate(width)
+
+    t = _timed(run, ["padded", "packed"], repeats, dev)
+    return t["padded"], t["packed"]

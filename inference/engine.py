@@ -20,11 +20,12 @@ from typing import Callable
 import torch
 
 from dspark.core.errors import DSparkError
+from dspark.models.attention import plain_causal
 from dspark.models.target import layer_features
 
 from .batching import Admission, Timing, prefill_groups
 from .cache import SlotCache
-from .packed import Packing, packable, packed_forward, packs
+from .packed import Packing, packed_forward, packs
 from .drafters import Drafter, Proposal, RequestState
 from .policy import VerifyAll
 from .verify import target_probs, verify_greedy, verify_sampled
@@ -120,7 +121,7 @@ class Engine:
         self.record_blocks = record_blocks
         self.prefill_tokens = prefill_tokens   # rows × longest prompt per prefill forward: bounds its memory
         # ragged steps run only their admitted tokens (inference/packed.py), where the target's attention allows
-        self.packed = packed and packable(target.model.config)
+        self.packed = packed and plain_causal(target.model.config)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()

@@ -5,7 +5,8 @@ R × max_r T_r tokens through every linear layer; the packed step runs B = Σ_r 
 sequence of batch 1, so the weights' matmuls cost what was admitted. Attention still needs each row's own
 cache: the custom attention function below scatters the B queries back into an (R, width) grid (a few
 kilobytes), attends over the shared slot cache with a per-row causal mask, and gathers the B outputs —
-the same operations as Hugging Face's eager attention, so logits match the padded step's.
+the same operations as Hugging Face's eager attention (grouped, models/attention.py), so logits match the
+padded step's. Only targets with plain full causal attention pack (`plain_causal`).
 
 The slot layout of the cache does not change (inference/cache.py): every row still gets `width` new
 slots, its unused ones are holes; only the packed tokens' keys and values are written.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
+from dspark.models.attention import grouped_attention
+
 ATTENTION = "dspark_packed"
 PACK_BELOW = 0.75   # pack when B ≤ this × R × width: packed/padded 0.55–0.95 there, 1.04 nearly full (SmolLM2)
 
@@ -25,16 +28,6 @@ def packs(tokens: int, rows: int, width: int) -> bool:
     """The runtime's rule: a step of `tokens` verified tokens in rows × width runs packed (the scheduler
     prices steps by the same rule)."""
     return tokens <= PACK_BELOW * rows * width
-
-
-def packable(config) -> bool:
-    """Whether the target's attention is what `packed_attention` computes: full causal attention in every
-    layer, no sliding window, no logit softcapping, no attention sinks (else the runtime pads)."""
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    return (all(t == "full_attention" for t in layer_types)
-            and not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-            and getattr(config, "attn_logit_softcapping", None) is None
-            and not getattr(config, "use_sinks", False))
 
 
 @dataclass
@@ -88,12 +81,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     q = query.new_zeros((p.rows * p.width, h, hd))
     q[p.index] = query[0].transpose(0, 1)
     q = q.view(p.rows, p.width, h, hd).transpose(1, 2)                         # (R, H, W, hd)
-    groups = h // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    w = torch.matmul(q, k.transpose(2, 3)) * scaling + attention_mask
-    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(w, v).transpose(1, 2).reshape(p.rows * p.width, h, hd)
+    out = grouped_attention(q, key, value, attention_mask, scaling).transpose(1, 2).reshape(p.rows * p.width, h, hd)
     return out[p.index][None], None
 
 

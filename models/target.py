@@ -22,6 +22,8 @@ import torch
 
 from dspark.core.errors import DSparkError
 
+from .attention import GROUPED, plain_causal
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -55,6 +57,7 @@ class Target:
     source: str
     dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
+    grouped_attention: bool = True      # the runtime's forwards run eager attention grouped (models/attention.py)
 
     @property
     def device(self) -> torch.device:
@@ -97,9 +100,17 @@ class Target:
         `cache` (inference/cache.py), which it extends by T slots; `mask` (R, S + T) marks the valid
         slots, past and new. Returns the Hugging Face output: `.logits` of the last `logits_to_keep`
         positions (0: all), `.hidden_states` when `hidden`. `kwargs` reach the cache and the attention
-        function (inference/packed.py)."""
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                          output_hidden_states=hidden, logits_to_keep=logits_to_keep, **kwargs)
+        function (inference/packed.py). Eager attention runs as `grouped_attention` (models/attention.py:
+        the same arithmetic without copying the cache per query head) where the target allows it."""
+        config = self.model.config
+        before = config._attn_implementation
+        if self.grouped_attention and before == "eager" and plain_causal(config):
+            config._attn_implementation = GROUPED      # read by every attention layer at call time
+        try:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                              output_hidden_states=hidden, logits_to_keep=logits_to_keep, **kwargs)
+        finally:
+            config._attn_implementation = before
 
     def hf_generate(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Hugging Face `generate` on the target (the outside baseline and the oracle's greedy streams)."""

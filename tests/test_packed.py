@@ -6,7 +6,8 @@ from conftest import tiny_head
 from dspark.inference import DSparkDrafter, Engine
 from dspark.inference.cache import SlotCache
 from dspark.inference.drafters import Drafter, Proposal, PromptLookupDrafter
-from dspark.inference.packed import Packing, packable, packed_forward
+from dspark.inference.packed import Packing, packed_forward
+from dspark.models.attention import plain_causal
 
 
 def _prefilled(target, prompts):
@@ -97,22 +98,22 @@ def test_sampled_packed_steps_equal_padded_ones(tiny_target, tiny_prompts):
     assert runs[0] == runs[1]
 
 
-def test_packed_cost_benchmark_prints_both_steps(capsys):
+def test_step_cost_benchmark_prints_every_pair(capsys):
     from dspark.packed_cost import main
 
-    main(["--target", "tiny", "--rows", "2", "--repeats", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")]
+    main(["--target", "tiny", "--rows", "2", "--repeats", "1", "--decode-rows", "3", "--decode-contexts", "16"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| 2 |")]
     assert len(rows) == 2 and all(float(line.split("|")[-2]) > 0 for line in rows)
+    decode = [line for line in out if line.startswith("| 3 | 16 |")]
+    assert len(decode) == 1 and float(decode[0].split("|")[-2]) > 0
 
 
-def test_only_full_causal_attention_is_packed(tiny_target, tiny_prompts):
-    from types import SimpleNamespace
-
-    assert packable(tiny_target.model.config) and Engine(tiny_target).packed
-    for other in (dict(sliding_window=4096, use_sliding_window=True), dict(attn_logit_softcapping=50.0),
-                  dict(layer_types=["full_attention", "sliding_attention"]), dict(use_sinks=True)):
-        assert not packable(SimpleNamespace(**other)), other
-    assert packable(SimpleNamespace(sliding_window=4096, use_sliding_window=False))   # Qwen2 with the window off
+def test_only_full_causal_attention_is_packed(tiny_target, monkeypatch):
+    """(Which configs are plain causal attention: tests/test_attention.py.)"""
+    assert plain_causal(tiny_target.model.config) and Engine(tiny_target).packed
+    monkeypatch.setattr(tiny_target.model.config, "sliding_window", 4096, raising=False)
+    assert not Engine(tiny_target).packed
 
 
 def test_one_token_prompts_never_pack_an_empty_cache(tiny_target):
