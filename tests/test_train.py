@@ -131,6 +131,10 @@ def test_walk_tau_is_the_runtime_tau_of_verify_all(data_dir, tmp_path):
                             "eval_every=80", "save_every=0", "optim.lr=3e-3"))
     report = t.fit()
     assert 1.0 < report["val_tau_walk"] and "val_tau_walk" in report["curve"][-1]
+    train(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path / 'off'}", "max_steps=2",
+                      "eval_every=2", "save_every=0", "val_walk_rows=0"))
+    off = json.loads((tmp_path / "off" / "train.json").read_text())
+    assert "val_tau_walk" not in off and off["val_tau"] > 0
     t.head.eval()
     engine = Engine(t.target, DSparkDrafter(t.head, t.target), gamma=7)
     accepted = 0

@@ -37,7 +37,7 @@ from .objectives import OBJECTIVES
 # dataset is compared by its identity, datasets' fingerprint in state.json, so a moved folder still
 # resumes and a regenerated dataset does not). Everything else (target, draft, optim, loss, seed, data
 # selection, max_steps: the LR schedule depends on it) must match.
-RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "save_every", "keep_checkpoints",
+RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "val_walk_rows", "save_every", "keep_checkpoints",
                             "logger", "features", "features_dir", "features_memory_gb", "feature_batch_size",
                             "features_dtype", "output_dir", "data_dir", "target.cache_dir", "hydra"})
 
@@ -225,7 +225,8 @@ class Trainer:
             greedy_taus.append(expected_tau(out["greedy"], out["valid"])[keep])
             accept.append(out["accept"][keep] * out["valid"][keep])
             greedy.append(out["greedy"][keep])
-        walked = [obj.walk(collate([row]), self.head) for row in self.val_rows]   # one row: dense anchors
+        walk_rows = self.val_rows[:self.cfg.val_walk_rows] if self.cfg.val_walk_rows is not None else self.val_rows
+        walked = [obj.walk(collate([row]), self.head) for row in walk_rows]   # one row at a time: dense anchors
         n = max(sums["count"], 1)
         acc_k = torch.cat(accept)
         g_k = torch.cat(greedy).float()
@@ -234,14 +235,14 @@ class Trainer:
                  "train_loss": st.get("train_loss"), "val_loss": sums["loss"] / n, "val_ce": sums["ce"] / n,
                  "val_l1": sums["l1"] / n, "val_bce": sums["bce"] / n,
                  "val_tau": float(torch.cat(taus).mean()), "val_tau_greedy": float(torch.cat(greedy_taus).mean()),
-                 "val_tau_walk": sum(t for t, _ in walked) / max(sum(s for _, s in walked), 1),
+                 **({"val_tau_walk": sum(t for t, _ in walked) / max(sum(s for _, s in walked), 1)} if walked else {}),
                  "val_acceptance_by_position": acc_k.mean(0).tolist(),
                  "val_greedy_acceptance_by_position":
                      ((g_k * reached).sum(0) / reached.sum(0).clamp_min(1)).tolist()}
         if self.acc.is_main_process:
             st["curve"].append(point)
             tqdm.write(f"step {st['step']}: val loss {point['val_loss']:.3f}  expected τ {point['val_tau']:.3f} "
-                       f"(greedy {point['val_tau_greedy']:.3f}, walk {point['val_tau_walk']:.3f})  {self._rate():.0f} training positions/s")
+                       f"(greedy {point['val_tau_greedy']:.3f}, walk {point.get('val_tau_walk', float('nan')):.3f})  {self._rate():.0f} training positions/s")
         self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
                       not isinstance(v, list)}, step=st["step"])
         self.head.train()
