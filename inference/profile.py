@@ -24,7 +24,7 @@ from dspark.core.files import write_json_atomic
 
 from .cache import SlotCache
 
-PROFILE_FORMAT = 1     # bump when the runtime's verification step changes shape or cost
+PROFILE_FORMAT = 2     # bump when the runtime's verification step changes shape or cost (2: grouped attention)
 
 
 def runtime_version() -> str:
