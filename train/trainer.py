@@ -37,8 +37,8 @@ from .objectives import OBJECTIVES
 # dataset is compared by its identity, datasets' fingerprint in state.json, so a moved folder still
 # resumes and a regenerated dataset does not). Everything else (target, draft, optim, loss, seed, data
 # selection, max_steps: the LR schedule depends on it) must match.
-RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "val_walk_rows", "save_every", "keep_checkpoints",
-                            "logger", "features", "features_dir", "features_memory_gb", "feature_batch_size",
+RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "val_walk_rows", "save_every",
+                            "keep_checkpoints", "logger", "features", "features_dir", "features_memory_gb", "feature_batch_size",
                             "features_dtype", "output_dir", "data_dir", "target.cache_dir", "hydra"})
 
 
@@ -242,7 +242,8 @@ class Trainer:
         if self.acc.is_main_process:
             st["curve"].append(point)
             tqdm.write(f"step {st['step']}: val loss {point['val_loss']:.3f}  expected τ {point['val_tau']:.3f} "
-                       f"(greedy {point['val_tau_greedy']:.3f}, walk {point.get('val_tau_walk', float('nan')):.3f})  {self._rate():.0f} training positions/s")
+                       f"(greedy {point['val_tau_greedy']:.3f}, walk {point.get('val_tau_walk', float('nan')):.3f})  "
+                       f"{self._rate():.0f} training positions/s")
         self.acc.log({f"val/{k[4:]}": v for k, v in point.items() if k.startswith("val_") and
                       not isinstance(v, list)}, step=st["step"])
         self.head.train()
