@@ -44,6 +44,10 @@ def main(argv=None) -> None:
             padded, packed = step_times(target, sizes, a.width, a.context, a.repeats)
             print(f"| {r} | {kind} | {sum(sizes)} / {r * a.width} | {1e3 * padded:.1f} | {1e3 * packed:.1f} | "
                   f"{packed / padded:.2f} |", flush=True)
+    if not target.use_grouped_attention:
+        print("\nthis target's runtime does not use grouped attention (not eager, or not Llama-like causal "
+              "attention): no attention table")
+        return
     print("\n| decode rows | context | eager attention ms | grouped ms | grouped / eager |")
     print("|---|---|---|---|---|")
     for c in a.decode_contexts:

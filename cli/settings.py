@@ -168,7 +168,8 @@ SHARE = Num(0, 0.99)                 # a share held out: something must remain
 TEMPERATURE = Num(0)                 # 0 = greedy
 TOP_P = Num(0, 1, open_lo=True)      # (0, 1]
 DTYPES = Choice(tuple(TARGET_DTYPES))
-TARGET = {"target.dtype": DTYPES, "target.attn_implementation": Choice(("eager", "sdpa"))}
+TARGET = {"target.dtype": DTYPES, "target.attn_implementation": Choice(("eager", "sdpa")),
+          "target.grouped_attention": Bool()}
 COMMON = {"seed": Int(0), **TARGET}
 
 RULES: dict[str, dict] = {

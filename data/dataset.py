@@ -56,6 +56,16 @@ def responses_of(data_dir: str) -> str:
     return _recorded(info.get("description")).get("responses", "regenerate")
 
 
+def greedy_regenerated(data_dir: str) -> bool:
+    """Whether the dataset's answers are the target's own greedy output (regenerated at temperature 0), so
+    its tokens are the target's greedy choices."""
+    try:
+        made = _recorded(json.loads((Path(data_dir) / "dataset_info.json").read_text()).get("description"))
+    except (OSError, ValueError):
+        return False
+    return made.get("responses", "regenerate") == "regenerate" and float(made.get("temperature", 0.0)) == 0.0
+
+
 def _recorded(description) -> dict:
     try:
         made = json.loads(description or "")

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from dspark.core.errors import DSparkError
-from dspark.models.attention import plain_causal
+from dspark.models.attention import groupable
 from dspark.models.target import layer_features
 
 from .batching import Admission, Timing, prefill_groups
@@ -121,7 +121,7 @@ class Engine:
         self.record_blocks = record_blocks
         self.prefill_tokens = prefill_tokens   # rows × longest prompt per prefill forward: bounds its memory
         # ragged steps run only their admitted tokens (inference/packed.py), where the target's attention allows
-        self.packed = packed and plain_causal(target.model.config)
+        self.packed = packed and groupable(target.model)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()

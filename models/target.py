@@ -22,7 +22,7 @@ import torch
 
 from dspark.core.errors import DSparkError
 
-from .attention import GROUPED, plain_causal
+from .attention import GROUPED, groupable
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,7 +57,7 @@ class Target:
     source: str
     dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
-    grouped_attention: bool = True      # the runtime's forwards run eager attention grouped (models/attention.py)
+    use_grouped_attention: bool = False   # the runtime's forwards run eager attention grouped (models/attention.py)
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +104,7 @@ class Target:
         the same arithmetic without copying the cache per query head) where the target allows it."""
         config = self.model.config
         before = config._attn_implementation
-        if self.grouped_attention and before == "eager" and plain_causal(config):
+        if self.use_grouped_attention and before == "eager":
             config._attn_implementation = GROUPED      # read by every attention layer at call time
         try:
             return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
@@ -195,7 +195,10 @@ def load_target(cfg, device: torch.device | None = None) -> Target:
             "or pick target=smollm2-135m|tiny")
     model.to(device).eval().requires_grad_(False)
     eos = _eos_ids(model, tok)
-    return Target(model=model, tokenizer=tok, name=name, source=source, dtype=dtype, eos_token_ids=eos)
+    grouped = bool(cfg.get("grouped_attention", True)) and model.config._attn_implementation == "eager" \
+        and groupable(model)
+    return Target(model=model, tokenizer=tok, name=name, source=source, dtype=dtype, eos_token_ids=eos,
+                  use_grouped_attention=grouped)
 
 
 def load_tokenizer_target(cfg) -> Target:

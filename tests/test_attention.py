@@ -1,5 +1,6 @@
 """Grouped eager attention (models/attention.py): Hugging Face's eager attention without the per-head copy of
-the cache gives the same outputs, the runtime's forwards use it where the target allows, and nothing else does."""
+the cache gives the same outputs (within rounding), the runtime's forwards use it where the target allows, and
+nothing else does."""
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import dspark.models.attention as attention
 from dspark.inference import Engine
-from dspark.models.attention import grouped_attention, plain_causal
+from dspark.models.attention import groupable, grouped_attention, plain_causal
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -45,6 +46,22 @@ def test_runtime_forwards_use_it_and_restore_eager(tiny_target, tiny_prompts, mo
     calls.clear()
     tiny_target.features(torch.tensor([tiny_prompts[0]]), [1])  # training features: Hugging Face's eager attention
     assert not calls
+
+
+def test_a_target_can_turn_it_off(tiny_target, tiny_prompts, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "grouped_attention", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(tiny_target, "use_grouped_attention", False)
+    Engine(tiny_target, packed=False).generate(tiny_prompts[:1], 3)
+    assert not calls
+
+
+def test_only_llama_like_causal_attention_qualifies(tiny_target):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert groupable(tiny_target.model) and tiny_target.use_grouped_attention
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    assert not groupable(gpt2)           # its eager attention differs from Llama's (softmax in the input dtype)
 
 
 def test_only_plain_causal_targets_qualify():

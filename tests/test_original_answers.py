@@ -82,6 +82,8 @@ def test_training_labels_follow_the_dataset(tmp_path, data, monkeypatch, respons
     # the answers are not the tiny target's argmax, so data labels would disagree (greedy regenerated
     # data is the argmax, so there both agree)
     assert bool((labels == argmax)[valid].all())
+    # the walk τ (the greedy runtime's τ on the rows' tokens) only where the tokens are the target's greedy ones
+    assert ("val_tau_walk" in json.loads((tmp_path / "train.json").read_text())) == (responses == "regenerate")
 
 
 def test_validation_on_another_datasets_held_out_rows(tmp_path, data):
@@ -98,4 +100,5 @@ def test_validation_on_another_datasets_held_out_rows(tmp_path, data):
     _, want = split(load_rows(str(tmp_path / "r" / "dataset"), 1024, 10**6), 0.3)
     assert [r["input_ids"] for r in trainer.val_rows] == [r["input_ids"] for r in want]
     assert not {r["prompt_id"] for r in trainer.train_rows} & {r["prompt_id"] for r in want}
+    assert trainer.walk_rows == trainer.val_rows      # validated on regenerated rows: the walk runs on them
     assert len(trainer.train_rows) + len(want) >= 11

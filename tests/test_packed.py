@@ -113,7 +113,7 @@ def test_only_full_causal_attention_is_packed(tiny_target, monkeypatch):
     """(Which configs are plain causal attention: tests/test_attention.py.)"""
     assert plain_causal(tiny_target.model.config) and Engine(tiny_target).packed
     monkeypatch.setattr(tiny_target.model.config, "sliding_window", 4096, raising=False)
-    assert not Engine(tiny_target).packed
+    assert not Engine(tiny_target).packed and not Engine(tiny_target, packed=True).packed
 
 
 def test_one_token_prompts_never_pack_an_empty_cache(tiny_target):

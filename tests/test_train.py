@@ -122,6 +122,8 @@ def test_walk_tau_steps_over_accepted_runs():
     assert walk_tau(lead, torch.arange(10, 17), torch.ones(7, dtype=torch.bool)) == (7, 4)
     assert walk_tau(torch.full((7,), 7), torch.arange(10, 17), torch.ones(7, dtype=torch.bool)) == (7, 1)
     assert walk_tau(lead, torch.arange(7), torch.zeros(7, dtype=torch.bool)) == (0, 0)
+    gap = torch.tensor([True, True, True, False, True, True, True])               # a second turn after a gap
+    assert walk_tau(torch.tensor([0, 5, 5, 0, 0, 0, 0]), torch.arange(10, 17), gap) == (3, 2)
 
 
 def test_walk_tau_is_the_runtime_tau_of_verify_all(data_dir, tmp_path):
@@ -140,7 +142,8 @@ def test_walk_tau_is_the_runtime_tau_of_verify_all(data_dir, tmp_path):
     accepted = 0
     for row in t.train_rows:
         start = row["loss_mask"].index(1)
-        want = t.objective.walk(collate([row]), t.head)
+        want = t.objective.walk(collate([row]), t.head, 5)
+        assert t.objective.walk(collate([row]), t.head, 500) == want      # passes of 5 anchors change nothing
         res = engine.generate([row["input_ids"][:start]], sum(row["loss_mask"]))
         assert res.outputs[0] == row["input_ids"][start:]
         assert (res.stats.tokens, res.stats.request_steps) == want

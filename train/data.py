@@ -47,13 +47,16 @@ def collate(rows: list[dict]) -> dict:
 
 def sample_anchors(loss_mask: torch.Tensor, count: int, gamma: int, gen: torch.Generator | None):
     """Anchor positions n whose next token is a response token; (B, A) positions, (B, A, γ) validity of
-    each predicted position n+k (inside the row and a response token)."""
+    each predicted position n+k (inside the row and a response token). `gen` None: every such position,
+    in order (A = the most any row has)."""
     b, width = loss_mask.shape
+    cands = [(loss_mask[i, 1:] > 0).nonzero()[:, 0] for i in range(b)]
+    if gen is None:
+        count = max(len(c) for c in cands)
     anchors = torch.zeros(b, count, dtype=torch.long)
     ok = torch.zeros(b, count, dtype=torch.bool)
-    for i in range(b):
-        cand = (loss_mask[i, 1:] > 0).nonzero()[:, 0]
-        pick = cand[torch.randperm(len(cand), generator=gen)[:count]].sort().values
+    for i, cand in enumerate(cands):
+        pick = cand if gen is None else cand[torch.randperm(len(cand), generator=gen)[:count]].sort().values
         anchors[i, :len(pick)], ok[i, :len(pick)] = pick, True
     pos = anchors[:, :, None] + torch.arange(1, gamma + 1)
     inside = pos < width

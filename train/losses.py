@@ -53,13 +53,16 @@ def walk_tau(leading: torch.Tensor, anchors: torch.Tensor, ok: torch.Tensor) -> 
     anchored at the prompt's last token (the runtime's prefill stops before it), a step from anchor n
     accepts `leading[n]` drafted tokens plus the target's own, and the next step is anchored after them.
     leading (A,) greedy leading-match length at the anchor positions anchors (A,) (every position whose
-    next token is a response token), ok (A,) the anchors that exist. Returns (tokens, steps):
+    next token is a response token), ok (A,) the anchors that exist; a response with gaps (several
+    turns) is walked up to its first gap. Returns (tokens, steps):
     τ = tokens / steps is what verify-all measures on this text (the runtime's τ), unlike the mean over
     uniform anchors (expected_tau), which over-weights easy stretches that a walk crosses in few steps."""
     at = {int(n): int(l) for n, l, o in zip(anchors, leading, ok) if o}
     if not at:
         return 0, 0
-    n, end = min(at), max(at) + 1          # anchor n predicts n+1 …; the last response token is at `end`
+    n = end = min(at)
+    while end in at:                       # the response's first run of anchors; its last token is at `end`
+        end += 1
     tokens = steps = 0
     while n in at:
         made = min(at[n] + 1, end - n)

@@ -35,29 +35,31 @@ class BlockObjective:
                            head.d2t, self.alpha)
         return out["loss"], out["count"], out
 
+    first_anchor = 0   # the first position a block may be anchored at (Eagle-3 drafts nothing for x_1)
+
     @torch.no_grad()
-    def walk(self, batch: dict, head) -> tuple[int, int]:
-        """(tokens, steps) of the greedy runtime walk over the batch's responses (losses.walk_tau), with
-        the dataset's tokens as the target's greedy choices (true for greedy regeneration): every
-        response position is an anchor, the draft's argmax must equal the next tokens in order."""
+    def walk(self, row: dict, head, chunk: int) -> tuple[int, int]:
+        """(tokens, steps) of the greedy runtime's walk over one collated row's response (losses.walk_tau),
+        the dataset's tokens taken as the target's greedy choices (true for greedy regeneration): every
+        response position is an anchor, run `chunk` anchors per pass (a block sees only the context before
+        its anchor and its own positions, so chunking changes nothing); the draft's argmax must equal the
+        next tokens in order."""
         g, dev = head.config.gamma, head.d2t.device
-        feats, _ = self.features(batch)
-        ids = batch["input_ids"].to(dev)
-        anchors, valid = sample_anchors(batch["loss_mask"], ids.shape[1], g, None)
-        anchors, valid = anchors.to(dev), valid.to(dev)
-        b, a = anchors.shape
-        pos = (anchors[:, :, None] + torch.arange(g + 1, device=dev)).clamp_max(ids.shape[1] - 1)
-        toks = ids.gather(1, pos.view(b, -1)).view(b, a, g + 1)
-        out = self.model(feats.to(dev), ids, anchors, batch["valid"].to(dev), toks[..., :-1])
-        logits = out[0] if isinstance(out, tuple) else out
-        labels = head.t2d[toks[..., 1:]]
-        match = (logits.view(b, a, g, -1).argmax(-1) == labels) & (labels < logits.shape[-1]) & valid
-        leading = torch.cumprod(match.int(), -1).sum(-1)
-        tokens = steps = 0
-        for i in range(b):
-            t, s = walk_tau(leading[i].cpu(), anchors[i].cpu(), valid[i, :, 0].cpu())
-            tokens, steps = tokens + t, steps + s
-        return tokens, steps
+        feats, _ = self.features(row)
+        feats, ids, ctx = feats.to(dev), row["input_ids"].to(dev), row["valid"].to(dev)
+        anchors, valid = sample_anchors(row["loss_mask"], 0, g, None)
+        valid &= (anchors >= self.first_anchor)[..., None]
+        leading = []
+        for i in range(0, anchors.shape[1], chunk):
+            a = anchors[:, i:i + chunk].to(dev)
+            pos = (a[..., None] + torch.arange(g + 1, device=dev)).clamp_max(ids.shape[1] - 1)
+            toks = ids.gather(1, pos.view(1, -1)).view(1, -1, g + 1)
+            out = self.model(feats, ids, a, ctx, toks[..., :-1])
+            logits = (out[0] if isinstance(out, tuple) else out).view(1, a.shape[1], g, -1)
+            labels = head.t2d[toks[..., 1:]]
+            match = (logits.argmax(-1) == labels) & (labels < logits.shape[-1]) & valid[:, i:i + chunk].to(dev)
+            leading.append(torch.cumprod(match.int(), -1).sum(-1))
+        return walk_tau(torch.cat(leading, 1)[0].cpu(), anchors[0], valid[0, :, 0])
 
     def blocks(self, batch: dict, gen: torch.Generator | None, g: int, dev):
         """Anchors and what every block is scored against: features (B, L, k·H), ids (B, L), anchors (B, A),
@@ -87,13 +89,15 @@ class Eagle3Objective(BlockObjective):
     draft entry for x_0 (speculators / vLLM convention, models/eagle3.py), so a block anchored at
     position 0 (x_1 is never drafted) is not scored."""
 
+    first_anchor = 1
+
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         g = head.config.gamma
         feats, ids, anchors, valid, toks, target_logits = self.blocks(batch, gen, g, head.d2t.device)
         b, a = anchors.shape
         draft_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1]).view(b * a, g, -1)
         target_logits = target_logits.view(b * a, g, -1)
-        valid = (valid & (anchors > 0)[..., None]).view(b * a, g)
+        valid = (valid & (anchors >= self.first_anchor)[..., None]).view(b * a, g)
         logp_d = F.log_softmax(draft_logits.float(), -1)
         top = logp_d.detach().max(-1).values.exp().clamp(1e-6, 1 - 1e-6)
         out = block_losses(draft_logits, torch.logit(top), target_logits, head.t2d[toks[..., 1:]].view(b * a, g),

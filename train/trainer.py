@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic
-from dspark.data.dataset import load_rows, responses_of, split
+from dspark.data.dataset import greedy_regenerated, load_rows, responses_of, split
 from dspark.models.heads import build_head
 from dspark.models.target import load_target
 
@@ -95,6 +95,9 @@ class Trainer:
             if not self.train_rows:
                 raise DSparkError(f"every training prompt of {cfg.data_dir} is held out in {cfg.val_data_dir}: "
                                   "use another val_data_dir or a larger dataset")
+        # the walk τ takes the rows' tokens as the target's greedy choices: greedy self-distilled rows only
+        self.walk_rows = self.val_rows[:cfg.val_walk_rows] if greedy_regenerated(cfg.val_data_dir or cfg.data_dir) \
+            else []
         d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
         self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
         c = self.head.config
@@ -225,8 +228,7 @@ class Trainer:
             greedy_taus.append(expected_tau(out["greedy"], out["valid"])[keep])
             accept.append(out["accept"][keep] * out["valid"][keep])
             greedy.append(out["greedy"][keep])
-        walk_rows = self.val_rows[:self.cfg.val_walk_rows] if self.cfg.val_walk_rows is not None else self.val_rows
-        walked = [obj.walk(collate([row]), self.head) for row in walk_rows]   # one row at a time: dense anchors
+        walked = [obj.walk(collate([row]), self.head, self.cfg.val_anchors_per_seq) for row in self.walk_rows]
         n = max(sums["count"], 1)
         acc_k = torch.cat(accept)
         g_k = torch.cat(greedy).float()
