@@ -6,7 +6,7 @@ sequence of batch 1, so the weights' matmuls cost what was admitted. Attention s
 cache: the custom attention function below scatters the B queries back into an (R, width) grid (a few
 kilobytes), attends over the shared slot cache with a per-row causal mask, and gathers the B outputs —
 the same operations as Hugging Face's eager attention (grouped, models/attention.py), so logits match the
-padded step's. Only targets with plain full causal attention pack (`plain_causal`).
+padded step's. Only targets whose eager attention that core computes pack (`groupable`).
 
 The slot layout of the cache does not change (inference/cache.py): every row still gets `width` new
 slots, its unused ones are holes; only the packed tokens' keys and values are written.
@@ -81,7 +81,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     q = query.new_zeros((p.rows * p.width, h, hd))
     q[p.index] = query[0].transpose(0, 1)
     q = q.view(p.rows, p.width, h, hd).transpose(1, 2)                         # (R, H, W, hd)
-    out = grouped_attention(q, key, value, attention_mask, scaling).transpose(1, 2).reshape(p.rows * p.width, h, hd)
+    out = grouped_attention(q, key, value, attention_mask, scaling).transpose(1, 2)
+    out = out.reshape(p.rows * p.width, h, hd)
     return out[p.index][None], None
 
 
