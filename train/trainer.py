@@ -38,8 +38,9 @@ from .objectives import OBJECTIVES
 # resumes and a regenerated dataset does not). Everything else (target, draft, optim, loss, seed, data
 # selection, max_steps: the LR schedule depends on it) must match.
 RESUMABLE_KEYS = frozenset({"resume", "stop_after_steps", "max_minutes", "eval_every", "val_walk_rows", "save_every",
-                            "keep_checkpoints", "logger", "features", "features_dir", "features_memory_gb", "feature_batch_size",
-                            "features_dtype", "output_dir", "data_dir", "target.cache_dir", "hydra"})
+                            "keep_checkpoints", "logger", "features", "features_dir", "features_memory_gb",
+                            "feature_batch_size", "features_dtype", "output_dir", "data_dir", "target.cache_dir",
+                            "hydra"})
 
 
 def run_settings(cfg) -> dict:
@@ -339,8 +340,8 @@ class Trainer:
             write_json_atomic(self.out / "train.json", summary)
             print(f"trained {c.kind} head ({summary['trainable_params'] / 1e6:.2f}M params) for {st['step']} steps "
                   f"in {st['seconds']:.0f}s: val loss {summary.get('val_loss', float('nan')):.3f}, expected τ "
-                  f"{summary.get('val_tau', float('nan')):.3f} (greedy {summary.get('val_tau_greedy', float('nan')):.3f}, "
-                  f"walk {summary.get('val_tau_walk', float('nan')):.3f}); "
+                  f"{summary.get('val_tau', float('nan')):.3f} (greedy "
+                  f"{summary.get('val_tau_greedy', float('nan')):.3f}, walk {summary.get('val_tau_walk', float('nan')):.3f}); "
                   f"head → {self.out / 'head'}")
         self.acc.wait_for_everyone()
         return summary
