@@ -338,11 +338,10 @@ class Trainer:
                 "head": str(self.out / "head"), "curve": st["curve"],
             }
             write_json_atomic(self.out / "train.json", summary)
+            v = {k: summary.get(k, float("nan")) for k in ("val_loss", "val_tau", "val_tau_greedy", "val_tau_walk")}
             print(f"trained {c.kind} head ({summary['trainable_params'] / 1e6:.2f}M params) for {st['step']} steps "
-                  f"in {st['seconds']:.0f}s: val loss {summary.get('val_loss', float('nan')):.3f}, expected τ "
-                  f"{summary.get('val_tau', float('nan')):.3f} (greedy "
-                  f"{summary.get('val_tau_greedy', float('nan')):.3f}, walk {summary.get('val_tau_walk', float('nan')):.3f}); "
-                  f"head → {self.out / 'head'}")
+                  f"in {st['seconds']:.0f}s: val loss {v['val_loss']:.3f}, expected τ {v['val_tau']:.3f} (greedy "
+                  f"{v['val_tau_greedy']:.3f}, walk {v['val_tau_walk']:.3f}); head → {self.out / 'head'}")
         self.acc.wait_for_everyone()
         return summary
 
