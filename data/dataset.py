@@ -49,21 +49,24 @@ def generated_for(ds) -> str | None:
 
 def responses_of(data_dir: str) -> str:
     """How the dataset's answers were made (`dspark generate responses=`): "regenerate" unless recorded."""
-    try:
-        info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
-    except (OSError, ValueError):
-        return "regenerate"
-    return _recorded(info.get("description")).get("responses", "regenerate")
+    return _made(data_dir).get("responses", "regenerate")
 
 
 def greedy_regenerated(data_dir: str) -> bool:
     """Whether the dataset's answers are the target's own greedy output (regenerated at temperature 0), so
     its tokens are the target's greedy choices."""
+    made = _made(data_dir)
+    return bool(made) and made.get("responses", "regenerate") == "regenerate" \
+        and float(made.get("temperature", 0.0)) == 0.0
+
+
+def _made(data_dir: str) -> dict:
+    """The generate settings recorded in a dataset folder ({} when none are)."""
     try:
-        made = _recorded(json.loads((Path(data_dir) / "dataset_info.json").read_text()).get("description"))
+        info = json.loads((Path(data_dir) / "dataset_info.json").read_text())
     except (OSError, ValueError):
-        return False
-    return made.get("responses", "regenerate") == "regenerate" and float(made.get("temperature", 0.0)) == 0.0
+        return {}
+    return _recorded(info.get("description"))
 
 
 def _recorded(description) -> dict:

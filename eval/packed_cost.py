@@ -13,6 +13,7 @@ import torch
 
 from dspark.inference.cache import SlotCache
 from dspark.inference.packed import Packing, packed_forward
+from dspark.models.attention import GROUPED
 
 
 def _filled_cache(target, rows: int, context: int) -> SlotCache:
@@ -52,19 +53,14 @@ def attention_times(target, rows: int, context: int, repeats: int) -> tuple[floa
     pos = torch.full((rows, 1), context, device=dev)
 
     def run(mode):
-        target.use_grouped_attention = mode == "grouped"
-        try:
-            target.cached_forward(new, cache.attention_mask(one), pos, cache)
-        finally:
-            target.use_grouped_attention = grouped
+        target.cached_forward(new, cache.attention_mask(one), pos, cache, attention=mode)
 
     def after(mode):
         cache.append_valid(one)
         cache.truncate(1)
 
-    grouped = target.use_grouped_attention
-    t = _timed(run, after, ["eager", "grouped"], repeats, dev)
-    return t["eager"], t["grouped"]
+    t = _timed(run, after, ["eager", GROUPED], repeats, dev)
+    return t["eager"], t[GROUPED]
 
 
 def step_times(target, sizes: list[int], width: int, context: int, repeats: int) -> tuple[float, float]:

@@ -95,13 +95,8 @@ def packed_forward(target, ids: torch.Tensor, past_valid: torch.Tensor, new_vali
     run them, `past_valid` (R, S) the cache's slots, `new_valid` (R, width) the rows' verified columns. Returns
     the Hugging Face output with `.logits` and the `.hidden_states` at `layers` (the others None; none at
     all when `layers` is empty) unpacked to (R, width, …), zeros where nothing was verified."""
-    config, before = target.model.config, target.model.config._attn_implementation
-    config._attn_implementation = ATTENTION   # read by every attention layer at call time; this forward only
-    try:
-        out = target.cached_forward(packing.pack(ids), additive_mask(past_valid, new_valid, target.dtype),
-                                    packing.pack(pos), cache, bool(layers), dspark_packing=packing)
-    finally:
-        config._attn_implementation = before
+    out = target.cached_forward(packing.pack(ids), additive_mask(past_valid, new_valid, target.dtype),
+                                packing.pack(pos), cache, bool(layers), attention=ATTENTION, dspark_packing=packing)
     out.logits = packing.unpack(out.logits)
     if out.hidden_states is not None:
         out.hidden_states = tuple(packing.unpack(h) if i in layers else None for i, h in enumerate(out.hidden_states))

@@ -95,17 +95,19 @@ class Target:
         return hidden.to(w.device, w.dtype) @ w.t()
 
     def cached_forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache,
-                       hidden: bool = False, logits_to_keep: int = 0, **kwargs):
+                       hidden: bool = False, logits_to_keep: int = 0, attention: str | None = None, **kwargs):
         """The runtime's prefill or verification pass: ids (R, T) at positions `pos` over the slot
         `cache` (inference/cache.py), which it extends by T slots; `mask` (R, S + T) marks the valid
         slots, past and new. Returns the Hugging Face output: `.logits` of the last `logits_to_keep`
         positions (0: all), `.hidden_states` when `hidden`. `kwargs` reach the cache and the attention
-        function (inference/packed.py). Eager attention runs as `grouped_attention` (models/attention.py:
+        function. `attention` names the attention function for this forward (a registered one:
+        inference/packed.py); by default eager attention runs as `grouped_attention` (models/attention.py:
         the same arithmetic without copying the cache per query head) where the target allows it."""
         config = self.model.config
         before = config._attn_implementation
-        if self.use_grouped_attention and before == "eager":
-            config._attn_implementation = GROUPED      # read by every attention layer at call time
+        if attention is None and self.use_grouped_attention and before == "eager":
+            attention = GROUPED
+        config._attn_implementation = attention or before   # read by every attention layer at call time
         try:
             return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                               output_hidden_states=hidden, logits_to_keep=logits_to_keep, **kwargs)
