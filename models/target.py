@@ -88,10 +88,12 @@ class Target:
         hs = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
         return layer_features(hs, layers), hs[-1]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The frozen LM head on final, normed hidden states: (…, H) → (…, V), on the head's device
-        and in its dtype."""
+    def logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen LM head on final, normed hidden states: (…, H) → (…, V), or (…, len(vocab)) for the
+        token ids `vocab` only; on the head's device and in its dtype."""
         w = self.model.get_output_embeddings().weight.detach()
+        if vocab is not None:
+            w = w[vocab.to(w.device)]
         return hidden.to(w.device, w.dtype) @ w.t()
 
     def cached_forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache,

@@ -33,13 +33,14 @@ def test_config_groups_compose(stage, overrides):
 
 
 def test_position_weight_decay_setting_reaches_the_loss():
-    from dspark.train.losses import block_losses, position_weights
+    from dspark.train.losses import TargetDist, block_losses, position_weights
 
     assert torch.allclose(position_weights(7), torch.exp(-torch.arange(7.0) / 7))
     assert torch.allclose(position_weights(7, decay=4), torch.exp(-torch.arange(7.0) / 4))
     torch.manual_seed(0)
-    args = (torch.randn(3, 7, 10), torch.randn(3, 7), torch.randn(3, 7, 12), torch.randint(0, 10, (3, 7)),
-            torch.ones(3, 7, dtype=torch.bool), torch.arange(10))
+    t2d = torch.cat([torch.arange(10), torch.tensor([10, 10])])
+    args = (torch.randn(3, 7, 10), torch.randn(3, 7), TargetDist.from_full(torch.randn(3, 7, 12), torch.arange(10), t2d),
+            torch.randint(0, 10, (3, 7)), torch.ones(3, 7, dtype=torch.bool))
     alpha = {"ce": 0.1, "l1": 0.9, "conf": 1.0}
     assert block_losses(*args, {**alpha, "decay": 4})["loss"] < block_losses(*args, alpha)["loss"]
     cfg = compose_cfg("train", "experiment=paper")
@@ -58,6 +59,33 @@ def test_overfits_a_fixed_batch(data_dir, tmp_path):
         t.opt.zero_grad()
         losses.append(float(loss.detach() / count))
     assert losses[-1] < losses[0] / 1.5, losses   # the stated factor: at least 1.5× lower after 40 steps
+
+
+def test_losses_read_the_targets_whole_vocabulary_through_kept_row_statistics(data_dir, tmp_path):
+    """A step scores the target over the draft vocabulary only, with each row's log-partition and argmax
+    over the whole vocabulary computed once and kept: the losses equal those of the target's full logits,
+    whichever batch (and place in it) a row comes in."""
+    import torch.nn.functional as F
+
+    from dspark.train.losses import TargetDist
+
+    t = Trainer(compose_cfg("train", *FAST, f"output_dir={tmp_path}", f"data_dir={data_dir}",
+                            "draft.draft_vocab_size=20"))
+    head, obj, rows = t.head, t.objective, t.train_rows
+    assert head.config.draft_vocab_size < t.target.vocab_size
+    for batch in (collate(rows[:3]), collate([rows[2], rows[5], rows[0]])):
+        _, _, anchors, valid, _, got = obj.blocks(batch, torch.Generator().manual_seed(1), head)
+        _, last = obj.features(batch)
+        pos = (anchors[..., None] + torch.arange(head.config.gamma)).clamp_max(last.shape[1] - 1)
+        h = last.gather(1, pos.view(len(anchors), -1, 1).expand(-1, -1, last.shape[-1]))
+        full = t.target.logits(h).view(*valid.shape, -1)
+        want = TargetDist.from_full(full, head.d2t, head.t2d)
+        assert torch.allclose(got.probs()[valid], want.probs()[valid], atol=1e-5)
+        assert torch.equal(got.top[valid], want.top[valid])
+        assert bool((want.top[valid] == head.config.draft_vocab_size).any())   # some argmax outside the vocabulary
+        p_full = F.softmax(full.float(), -1)                                  # probability mass outside it
+        assert torch.allclose(1 - got.probs().sum(-1)[valid], 1 - p_full[..., head.d2t].sum(-1)[valid], atol=1e-5)
+    assert set(obj.row_stats) == {rows[i]["prompt_id"] for i in (0, 1, 2, 5)}
 
 
 def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):

@@ -10,6 +10,7 @@ tokens) and CE skips labels outside it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +21,38 @@ def position_weights(gamma: int, device=None, decay: float | None = None) -> tor
     return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / (decay or gamma))
 
 
-def block_losses(draft_logits, conf_logits, target_logits, labels_draft, valid, d2t, alpha: dict) -> dict:
-    """draft_logits (N, γ, Vd); conf_logits (N, γ); target_logits (N, γ, V) full vocabulary;
-    labels_draft (N, γ) draft ids (Vd = outside the draft vocabulary); valid (N, γ) bool.
+@dataclass
+class TargetDist:
+    """The target's distribution at drafted positions, as the losses read it: its logits over the draft
+    vocabulary (…, Vd), the log-partition of its whole vocabulary (…,) and its argmax as a draft id (…,),
+    Vd when that token lies outside the draft vocabulary. Positions no loss reads may carry lse = +inf
+    (probability 0 everywhere)."""
+    logits: torch.Tensor
+    lse: torch.Tensor
+    top: torch.Tensor
+
+    @classmethod
+    def from_full(cls, logits: torch.Tensor, d2t: torch.Tensor, t2d: torch.Tensor) -> "TargetDist":
+        """From logits over the target's whole vocabulary (…, V)."""
+        f = logits.float()
+        return cls(logits[..., d2t], torch.logsumexp(f, -1), t2d[f.argmax(-1)])
+
+    def probs(self) -> torch.Tensor:
+        """(…, Vd) the target's probabilities of the draft vocabulary's tokens (summing to ≤ 1)."""
+        return torch.exp(self.logits.float() - self.lse[..., None])
+
+    def view(self, *shape) -> "TargetDist":
+        return TargetDist(self.logits.view(*shape, -1), self.lse.view(*shape), self.top.view(*shape))
+
+
+def block_losses(draft_logits, conf_logits, target: TargetDist, labels_draft, valid, alpha: dict) -> dict:
+    """draft_logits (N, γ, Vd); conf_logits (N, γ); target (N, γ) positions; labels_draft (N, γ) draft ids
+    (Vd = outside the draft vocabulary); valid (N, γ) bool.
     Returns sums over valid positions (normalise outside, across ranks) and per-position stats."""
     vd = draft_logits.shape[-1]
     logp_d = F.log_softmax(draft_logits.float(), -1)
     p_d = logp_d.exp()
-    p_t_full = F.softmax(target_logits.float(), -1)
-    p_t = p_t_full[..., d2t]
+    p_t = target.probs()
     l1 = (p_d - p_t).abs().sum(-1) + (1 - p_t.sum(-1)).clamp_min(0)           # (N, γ)
     accept = (1 - 0.5 * l1).clamp(0, 1).detach()                                # c*
     in_vocab = labels_draft < vd
@@ -36,8 +60,7 @@ def block_losses(draft_logits, conf_logits, target_logits, labels_draft, valid, 
     bce = F.binary_cross_entropy_with_logits(conf_logits.float(), accept, reduction="none")
     w = position_weights(draft_logits.shape[1], draft_logits.device, alpha.get("decay")) * valid
     loss = (alpha["ce"] * ce + alpha["l1"] * l1 + alpha["conf"] * bce) * w
-    greedy = (draft_logits.argmax(-1) == p_t.argmax(-1)) \
-        & (p_t.max(-1).values >= p_t_full.max(-1).values)                        # target argmax inside vocab
+    greedy = draft_logits.argmax(-1) == target.top            # never when the target's argmax is outside
     return {"loss": loss.sum(), "ce": (ce * valid).sum(), "l1": (l1 * valid).sum(), "bce": (bce * valid).sum(),
             "count": valid.sum(), "accept": accept, "greedy": greedy & valid, "valid": valid,
             "conf": torch.sigmoid(conf_logits.float()).detach()}

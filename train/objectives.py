@@ -6,33 +6,37 @@ same anchors and target distributions.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .data import sample_anchors
-from .losses import block_losses, position_weights, walk_tau
+from .losses import TargetDist, block_losses, position_weights, walk_tau
 
 
 class BlockObjective:
     """Packed anchor blocks over target features; losses of docs/design.md §1 (train/losses.py)."""
 
+    STATS_CHUNK = 256   # positions per pass of the full-vocabulary LM head (bounds its memory)
+
     def __init__(self, model, target, features, anchors_per_seq: int, alpha: dict):
         self.model, self.target, self.features = model, target, features
         self.anchors_per_seq, self.alpha = anchors_per_seq, dict(alpha)
+        self.row_stats: dict = {}   # prompt id → (lse (L,), argmax (L,)) of the target's full distributions
 
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`self.model` may be wrapped for data parallelism; `head` is the unwrapped module (buffers)."""
         g = head.config.gamma
-        feats, ids, anchors, valid, toks, target_logits = self.blocks(batch, gen, g, head.d2t.device)
+        feats, ids, anchors, valid, toks, target = self.blocks(batch, gen, head)
         b, a = anchors.shape
         draft_logits, conf_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1])
         # CE labels: the dataset's next tokens, or (`loss.labels=target`, for answers the target did not
         # write) the target's argmax after the same prefix; the chunk head is teacher-forced with the
         # dataset's tokens either way, the prefix the target's distributions are conditioned on
-        labels = head.t2d[target_logits.argmax(-1) if self.alpha.get("labels") == "target" else toks[..., 1:]]
-        out = block_losses(draft_logits.view(b * a, g, -1), conf_logits.view(b * a, g),
-                           target_logits.view(b * a, g, -1), labels.view(b * a, g), valid.view(b * a, g),
-                           head.d2t, self.alpha)
+        labels = target.top if self.alpha.get("labels") == "target" else head.t2d[toks[..., 1:]]
+        out = block_losses(draft_logits.view(b * a, g, -1), conf_logits.view(b * a, g), target.view(b * a, g),
+                           labels.view(b * a, g), valid.view(b * a, g), self.alpha)
         return out["loss"], out["count"], out
 
     first_anchor = 0   # the first position a block may be anchored at (Eagle-3 drafts nothing for x_1)
@@ -61,9 +65,11 @@ class BlockObjective:
             leading.append(torch.cumprod(match.int(), -1).sum(-1))
         return walk_tau(torch.cat(leading, 1)[0].cpu(), anchors[0], valid[0, :, 0])
 
-    def blocks(self, batch: dict, gen: torch.Generator | None, g: int, dev):
+    def blocks(self, batch: dict, gen: torch.Generator | None, head):
         """Anchors and what every block is scored against: features (B, L, k·H), ids (B, L), anchors (B, A),
-        valid (B, A, γ), tokens x_n … x_{n+γ} (B, A, γ+1), target logits for x_{n+1} … x_{n+γ} (B, A, γ, V)."""
+        valid (B, A, γ), tokens x_n … x_{n+γ} (B, A, γ+1), the target's distributions of x_{n+1} … x_{n+γ}
+        (a TargetDist of shape (B, A, γ))."""
+        g, dev = head.config.gamma, head.d2t.device
         feats, last = self.features(batch)
         ids = batch["input_ids"].to(dev)
         anchors, valid = sample_anchors(batch["loss_mask"], self.anchors_per_seq, g, gen)
@@ -74,9 +80,36 @@ class BlockObjective:
         toks = ids.gather(1, pos.clamp_max(width - 1).view(b, -1)).view(b, a, g + 1)
         with torch.no_grad():
             # the target's distribution for token n+k comes from its final state at n+k−1
-            h_t = last.gather(1, pos[..., :-1].clamp_max(width - 1).view(b, -1, 1).expand(-1, -1, last.shape[-1]))
-            target_logits = self.target.logits(h_t).view(b, a, g, -1).to(dev)
-        return feats.to(dev), ids, anchors, valid, toks, target_logits
+            at = pos[..., :-1].clamp_max(width - 1).view(b, -1)
+            h_t = last.gather(1, at[..., None].expand(-1, -1, last.shape[-1]))
+            lse, top = self.stats(batch, last, at.to(last.device))
+            target = TargetDist(self.target.logits(h_t, head.d2t).view(b, a, g, -1).to(dev),
+                                lse.view(b, a, g).to(dev), head.t2d[top.view(b, a, g).to(dev)])
+        return feats.to(dev), ids, anchors, valid, toks, target
+
+    def stats(self, batch: dict, last: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-partition and argmax (target id) of the target's whole-vocabulary distribution at
+        positions `at` (B, N) of the batch's rows. They are the same every epoch, so each row's are computed
+        once, the first time a batch holds it, at every position whose next token is a response token (the
+        only ones a loss reads; the others get lse = +inf), and kept: a step then runs the LM head over the
+        draft vocabulary only. A row's pass has the same shape whenever it runs, so resumed runs see the
+        same values."""
+        lses, tops = [], []
+        for i, pid in enumerate(batch["prompt_id"]):
+            if pid not in self.row_stats:
+                n = int(batch["valid"][i].sum())
+                need = (batch["loss_mask"][i, 1:n] > 0).nonzero()[:, 0].to(last.device)
+                lse = torch.full((n,), math.inf, device=last.device)
+                top = torch.zeros(n, dtype=torch.long, device=last.device)
+                for c in need.split(self.STATS_CHUNK):
+                    logits = self.target.logits(last[i, c]).float()
+                    lse[c], top[c] = torch.logsumexp(logits, -1), logits.argmax(-1)
+                self.row_stats[pid] = lse, top
+            lse, top = self.row_stats[pid]
+            n = len(lse)
+            lses.append(torch.cat([lse, lse.new_full((last.shape[1] - n,), math.inf)])[at[i]])
+            tops.append(torch.cat([top, top.new_zeros(last.shape[1] - n)])[at[i]])
+        return torch.stack(lses), torch.stack(tops)
 
 
 class Eagle3Objective(BlockObjective):
@@ -93,18 +126,17 @@ class Eagle3Objective(BlockObjective):
 
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         g = head.config.gamma
-        feats, ids, anchors, valid, toks, target_logits = self.blocks(batch, gen, g, head.d2t.device)
+        feats, ids, anchors, valid, toks, target = self.blocks(batch, gen, head)
         b, a = anchors.shape
         draft_logits = self.model(feats, ids, anchors, batch["valid"].to(ids.device), toks[..., :-1]).view(b * a, g, -1)
-        target_logits = target_logits.view(b * a, g, -1)
+        target = target.view(b * a, g)
         valid = (valid & (anchors >= self.first_anchor)[..., None]).view(b * a, g)
         logp_d = F.log_softmax(draft_logits.float(), -1)
         top = logp_d.detach().max(-1).values.exp().clamp(1e-6, 1 - 1e-6)
-        out = block_losses(draft_logits, torch.logit(top), target_logits, head.t2d[toks[..., 1:]].view(b * a, g),
-                           valid, head.d2t, {"ce": 0.0, "l1": 0.0, "conf": 0.0})
+        out = block_losses(draft_logits, torch.logit(top), target, head.t2d[toks[..., 1:]].view(b * a, g),
+                           valid, {"ce": 0.0, "l1": 0.0, "conf": 0.0})
         with torch.no_grad():
-            p_t = F.softmax(target_logits.float(), -1)[..., head.d2t]
-            p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(1e-12)
+            p_t = F.softmax(target.logits.float(), -1)         # restricted to the draft vocabulary, renormalised
         kl = (p_t * (p_t.clamp_min(1e-12).log() - logp_d)).sum(-1)             # (N, γ)
         out["loss"] = (kl * position_weights(g, kl.device, self.alpha.get("decay")) * valid).sum()
         return out["loss"], out["count"], out
