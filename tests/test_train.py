@@ -85,6 +85,9 @@ def test_losses_read_the_targets_whole_vocabulary_through_kept_row_statistics(da
         assert bool((want.top[valid] == head.config.draft_vocab_size).any())   # some argmax outside the vocabulary
         p_full = F.softmax(full.float(), -1)                                  # probability mass outside it
         assert torch.allclose(1 - got.probs().sum(-1)[valid], 1 - p_full[..., head.d2t].sum(-1)[valid], atol=1e-5)
+        each_step = type(obj)(obj.model, obj.target, obj.features, obj.anchors_per_seq, obj.alpha, keep_stats=False)
+        again = each_step.blocks(batch, torch.Generator().manual_seed(1), head)[-1]   # keep_target_stats=false
+        assert torch.allclose(again.probs()[valid], want.probs()[valid]) and not each_step.row_stats
     assert set(obj.row_stats) == {rows[i]["prompt_id"] for i in (0, 1, 2, 5)}
 
 

@@ -20,10 +20,11 @@ class BlockObjective:
 
     STATS_CHUNK = 256   # positions per pass of the full-vocabulary LM head (bounds its memory)
 
-    def __init__(self, model, target, features, anchors_per_seq: int, alpha: dict):
+    def __init__(self, model, target, features, anchors_per_seq: int, alpha: dict, keep_stats: bool = True):
         self.model, self.target, self.features = model, target, features
         self.anchors_per_seq, self.alpha = anchors_per_seq, dict(alpha)
-        self.row_stats: dict = {}   # prompt id → (lse (L,), argmax (L,)) of the target's full distributions
+        self.keep_stats = keep_stats
+        self.row_stats: dict = {}   # prompt id → (lse (L,), argmax (L,)) of the target's full distributions, on the CPU
 
     def forward_loss(self, batch: dict, gen: torch.Generator | None, head) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`self.model` may be wrapped for data parallelism; `head` is the unwrapped module (buffers)."""
@@ -82,34 +83,37 @@ class BlockObjective:
             # the target's distribution for token n+k comes from its final state at n+k−1
             at = pos[..., :-1].clamp_max(width - 1).view(b, -1)
             h_t = last.gather(1, at[..., None].expand(-1, -1, last.shape[-1]))
-            lse, top = self.stats(batch, last, at.to(last.device))
-            target = TargetDist(self.target.logits(h_t, head.d2t).view(b, a, g, -1).to(dev),
-                                lse.view(b, a, g).to(dev), head.t2d[top.view(b, a, g).to(dev)])
+            if self.keep_stats:
+                lse, top = self.stats(batch, last, at.cpu())
+                target = TargetDist(self.target.logits(h_t, head.d2t).view(b, a, g, -1).to(dev),
+                                    lse.view(b, a, g).to(dev), head.t2d[top.view(b, a, g).to(dev)])
+            else:
+                target = TargetDist.from_full(self.target.logits(h_t).view(b, a, g, -1).to(dev), head.d2t, head.t2d)
         return feats.to(dev), ids, anchors, valid, toks, target
 
     def stats(self, batch: dict, last: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-partition and argmax (target id) of the target's whole-vocabulary distribution at
         positions `at` (B, N) of the batch's rows. They are the same every epoch, so each row's are computed
         once, the first time a batch holds it, at every position whose next token is a response token (the
-        only ones a loss reads; the others get lse = +inf), and kept: a step then runs the LM head over the
-        draft vocabulary only. A row's pass has the same shape whenever it runs, so resumed runs see the
-        same values."""
+        only ones a loss reads; the others get lse = +inf), and kept in RAM (8 bytes per token): a step then
+        runs the LM head over the draft vocabulary only. A row's pass has the same shape whenever it runs,
+        so resumed runs see the same values. `at` and the results are on the CPU."""
         lses, tops = [], []
         for i, pid in enumerate(batch["prompt_id"]):
             if pid not in self.row_stats:
                 n = int(batch["valid"][i].sum())
-                need = (batch["loss_mask"][i, 1:n] > 0).nonzero()[:, 0].to(last.device)
-                lse = torch.full((n,), math.inf, device=last.device)
-                top = torch.zeros(n, dtype=torch.long, device=last.device)
+                need = (batch["loss_mask"][i, 1:n] > 0).nonzero()[:, 0]
+                lse = torch.full((n,), math.inf)
+                top = torch.zeros(n, dtype=torch.int32)
                 for c in need.split(self.STATS_CHUNK):
-                    logits = self.target.logits(last[i, c]).float()
-                    lse[c], top[c] = torch.logsumexp(logits, -1), logits.argmax(-1)
+                    logits = self.target.logits(last[i, c.to(last.device)]).float()
+                    lse[c], top[c] = torch.logsumexp(logits, -1).cpu(), logits.argmax(-1).int().cpu()
                 self.row_stats[pid] = lse, top
             lse, top = self.row_stats[pid]
             n = len(lse)
             lses.append(torch.cat([lse, lse.new_full((last.shape[1] - n,), math.inf)])[at[i]])
             tops.append(torch.cat([top, top.new_zeros(last.shape[1] - n)])[at[i]])
-        return torch.stack(lses), torch.stack(tops)
+        return torch.stack(lses), torch.stack(tops).long()
 
 
 class Eagle3Objective(BlockObjective):

@@ -117,8 +117,10 @@ class Trainer:
             if loss["labels"] == "target" and self.acc.is_main_process:
                 tqdm.write("note: a dataset of original answers: the CE labels are the target's argmax "
                            "(loss.labels=target)")
-        self.objective = OBJECTIVES[self.head.architecture](self.model, self.target, self.features,
-                                                            cfg.anchors_per_seq, loss)
+        kind = OBJECTIVES[self.head.architecture]
+        self.objective = kind(self.model, self.target, self.features, cfg.anchors_per_seq, loss, cfg.keep_target_stats)
+        self.val_objective = kind(self.model, self.target, self.features, cfg.val_anchors_per_seq, loss,
+                                  cfg.keep_target_stats)
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "positions": 0, "curve": []}
 
     def _maybe_precompute(self) -> None:
@@ -216,8 +218,7 @@ class Trainer:
         self.head.eval()
         sums = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "bce": 0.0, "count": 0.0}
         taus, greedy_taus, accept, greedy = [], [], [], []
-        obj = OBJECTIVES[self.head.architecture](self.model, self.target, self.features,
-                                                 self.cfg.val_anchors_per_seq, self.cfg.loss)
+        obj = self.val_objective
         for i in range(0, len(self.val_rows), self.cfg.batch_size):
             batch = collate(self.val_rows[i:i + self.cfg.batch_size])
             gen = torch.Generator().manual_seed(self.cfg.seed + i)   # the same anchors every time
