@@ -225,3 +225,22 @@ def test_multirun_sweep_writes_one_folder_per_size_and_a_summary(data_dir, tmp_p
     assert all(r["val_tau"] >= 1.0 and r["trainable_params"] > 0 for r in rows)
     assert all((tmp_path / r["run"] / "head" / "config.json").is_file() for r in rows)
     assert "| tiny |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_step_cost_benchmark_prints_both_steps_side_by_side(data_dir, capsys):
+    """`python -m dspark.train_cost`: the same batches with the whole vocabulary each step and with kept
+    statistics, and their ratio (the figure README quotes)."""
+    from dspark.train_cost import main
+
+    main([*FAST, f"data_dir={data_dir}"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| median of"))
+    whole, kept, ratio = (float(c.split()[0]) for c in row.strip("|").split("|")[1:])
+    assert whole > 0 and kept > 0 and ratio == pytest.approx(kept / whole, abs=0.02)
+    assert "first sight of a row" in out
+
+
+def test_step_cost_benchmark_refuses_bad_input_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dspark.train_cost", "target=tiny", f"data_dir={tmp_path / 'none'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no dataset at" in r.stderr and "Traceback" not in r.stderr
