@@ -15,11 +15,11 @@ reused, so a re-run after an interruption resumes instead of restarting:
 
 Settings are compared through a hash of each stage's resolved config, kept in run.json.
 
-Default size (conf/run.yaml, SmolLM2-135M, 2 CPU threads), from measured stage speeds: generate 200
-prompts × ≤128 tokens ≈ 21k response tokens at ≈95 tok/s ≈ 4 min; train: target features ≈0.5 min
-then 6 min (`max_minutes`); calibrate 48 held-out prompts ≈ 1–2 min; bench 10 HumanEval prompts
-× 128 tokens for plain (≈23 tok/s), oracle, prompt lookup and the head ≈ 3 min; export seconds.
-About 15–17 minutes in all, plus the one-time GGUF conversion.
+Default size (conf/run.yaml, SmolLM2-135M, 2 CPU threads), from measured stage speeds: generate 350
+prompts × ≤128 tokens ≈ 39k response tokens at ≈185 tok/s (batch 48) ≈ 3.5 min; train: target features
+≈0.7 min then 750 steps in ≈6 min (`max_minutes`); calibrate 48 held-out prompts ≈ 1 min; bench 10
+HumanEval prompts × 128 tokens for plain (≈20 tok/s), oracle, prompt lookup and the head in three
+policies ≈ 5.5 min; export seconds. About 17 minutes in all, plus the one-time GGUF conversion.
 """
 from __future__ import annotations
 
