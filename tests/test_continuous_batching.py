@@ -162,3 +162,22 @@ def test_bad_batching_arguments(tiny_target, prompts):
                       ({"arrivals": [-1.0] * len(prompts)}, ">= 0"), ({"arrival_unit": "ms"}, "arrival_unit")):
         with pytest.raises(DSparkError, match=match):
             engine.generate(prompts, 4, **kw)
+
+
+def test_prefill_groups_keep_short_prompts_off_a_long_ones_width():
+    """Joiners are grouped to cost least (padded slots + a fixed cost per forward): a long prompt joining
+    with short ones gets a forward of its own, similar lengths share one, and the budget still holds."""
+    from types import SimpleNamespace
+
+    from dspark.inference.batching import FORWARD_COST_SLOTS, prefill_groups
+
+    def widths(lens, budget=16384):
+        return [[len(s.tokens) - 1 for s in g] for g in
+                prefill_groups([SimpleNamespace(tokens=[0] * (n + 1)) for n in lens], budget)]
+
+    assert widths([65, 406, 81, 80, 72]) == [[406], [81, 80, 72, 65]]
+    assert widths([50] * 16) == [[50] * 16]
+    assert widths([50] * 16, budget=200) == [[50] * 4] * 4
+    assert widths([FORWARD_COST_SLOTS + 10, 30]) == [[FORWARD_COST_SLOTS + 10, 30]]   # 44 padded slots < a forward
+    assert widths([3 * FORWARD_COST_SLOTS, 10]) == [[3 * FORWARD_COST_SLOTS], [10]]
+    assert widths([]) == []
