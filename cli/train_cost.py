@@ -32,8 +32,8 @@ def measure(cfg, batches_n: int = 12) -> None:
     from dspark.train.trainer import Trainer
 
     t = Trainer(cfg)
-    kept = t.objective
-    whole = type(kept)(kept.model, kept.target, kept.features, kept.anchors_per_seq, kept.alpha, keep_stats=False)
+    o = t.objective
+    kept, whole = (type(o)(o.model, o.target, o.features, o.anchors_per_seq, o.alpha, keep_stats=k) for k in (True, False))
     b = cfg.batch_size
     batches = [collate(t.train_rows[i:i + b]) for i in range(0, min(len(t.train_rows), batches_n * b), b)]
     t0 = time.perf_counter()
