@@ -110,9 +110,9 @@ class BlockObjective:
                     lse[c], top[c] = torch.logsumexp(logits, -1).cpu(), logits.argmax(-1).int().cpu()
                 self.row_stats[pid] = lse, top
             lse, top = self.row_stats[pid]
-            n = len(lse)
-            lses.append(torch.cat([lse, lse.new_full((last.shape[1] - n,), math.inf)])[at[i]])
-            tops.append(torch.cat([top, top.new_zeros(last.shape[1] - n)])[at[i]])
+            j = at[i].clamp_max(len(lse) - 1)        # positions past the row are padding: never read by a loss
+            lses.append(lse[j])
+            tops.append(top[j])
         return torch.stack(lses), torch.stack(tops).long()
 
 
