@@ -236,7 +236,8 @@ def test_step_cost_benchmark_prints_both_steps_side_by_side(data_dir, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| median of"))
     whole, kept, ratio = (float(c.split()[0]) for c in row.strip("|").split("|")[1:])
-    assert whole > 0 and kept > 0 and ratio == pytest.approx(kept / whole, abs=0.02)
+    # the times are printed to 0.1 ms and the ratio to 0.01, both from the unrounded medians
+    assert whole > 0 and kept > 0 and abs(ratio - kept / whole) <= 0.005 + 0.1 / whole + 1e-9
     assert "first sight of a row" in out
 
 
