@@ -3,7 +3,8 @@
 Packed vs padded verification: for R rows over a `--context`-token cache, one row verifies a full block
 (γ+1 tokens) and the others either only their anchor ("one long") or a random share of the block
 ("mixed"). Then grouped vs Hugging Face eager attention in a decode step (one token per row), at
-`--decode-rows` rows over `--decode-contexts` cached tokens.
+`--decode-rows` rows over `--decode-contexts` cached tokens. With `--head`, a trained head's proposal at
+R = 1 with its native and its int8 weights (`draft_weights`), each right after a target decode step.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    from dspark.eval.packed_cost import attention_times, step_times
+    from dspark.eval.packed_cost import attention_times, proposal_times, step_times
+    from dspark.hub.io import load_head
     from dspark.models.target import load_target
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,8 +32,18 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--decode-rows", type=int, nargs="+", default=[1, 8, 16, 48])
     ap.add_argument("--decode-contexts", type=int, nargs="+", default=[256, 600])
+    ap.add_argument("--head", help="a trained head folder: time its proposals (native vs int8 weights) only")
     a = ap.parse_args(argv)
     target = load_target(OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text()))
+    if a.head:
+        head = load_head(a.head)
+        print(f"{target.name} ({str(target.dtype).replace('torch.', '')}), {a.head} ({head.config.kind}), context "
+              f"{a.context}, R = 1, {torch.get_num_threads()} threads, median of {a.repeats}")
+        t = proposal_times(target, head, a.context, a.repeats)
+        print("| proposal after a target step | native ms | int8 ms | int8 / native |\n|---|---|---|---|")
+        print(f"| γ = {head.config.gamma} | {1e3 * t['native']:.2f} | {1e3 * t['int8']:.2f} | "
+              f"{t['int8'] / t['native']:.2f} |")
+        return
     rng = random.Random(0)
     print(f"{target.name} ({str(target.dtype).replace('torch.', '')}), context {a.context}, width {a.width}, "
           f"{torch.get_num_threads()} threads")

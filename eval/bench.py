@@ -163,7 +163,8 @@ class Bench:
         elif method.head == "prompt_lookup":
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
         elif method.trained:
-            drafter = drafter_for(self.heads[method.head], self.target, temperature=c.temperature, seed=c.seed)
+            drafter = drafter_for(self.heads[method.head], self.target, temperature=c.temperature, seed=c.seed,
+                                  draft_weights=c.get("draft_weights", "native"))
             if method.combined == "lookup":
                 drafter = CombinedDrafter(drafter, c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
             policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit, packed=c.packed)

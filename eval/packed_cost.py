@@ -1,5 +1,6 @@
 """Step costs side by side (`python -m dspark.packed_cost`, cli/packed_cost.py): packed vs padded
-verification, and grouped vs Hugging Face eager attention in a decode step.
+verification, grouped vs Hugging Face eager attention in a decode step, and a head's proposal with
+its native vs int8 weights.
 
 Both forwards of a pair run interleaved on the same cache (median of `repeats`), so the ratio is fair on
 a busy machine.
@@ -12,6 +13,8 @@ import time
 import torch
 
 from dspark.inference.cache import SlotCache
+from dspark.inference.drafters import DRAFT_WEIGHTS, RequestState
+from dspark.inference.head_drafters import drafter_for
 from dspark.inference.packed import Packing, packed_forward
 from dspark.models.attention import GROUPED
 
@@ -84,3 +87,37 @@ def step_times(target, sizes: list[int], width: int, context: int, repeats: int)
 
     t = _timed(run, after, ["padded", "packed"], repeats, dev)
     return t["padded"], t["packed"]
+
+
+def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3) -> dict[str, float]:
+    """Median seconds of one R = 1 proposal of `head` (a full block) per `DRAFT_WEIGHTS` entry, each
+    right after a target decode step over a `context`-token cache (as in the runtime: the step leaves
+    the head's weights out of cache), with `new_tokens` new context positions to project per proposal."""
+    dev = target.device
+    cache = _filled_cache(target, 1, context)
+    one, tok = torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev)
+    width = len(head.config.target_layer_ids) * target.hidden_size
+    gen = torch.Generator().manual_seed(0)
+
+    def feats(n):
+        return torch.randn(n, width, generator=gen).to(dev, target.dtype)
+
+    drafters, states = {}, {}
+    for w in DRAFT_WEIGHTS:
+        drafters[w] = drafter_for(head, target, draft_weights=w)
+        states[w] = RequestState(rid=0, tokens=list(range(100, 100 + context)), n_prompt=context, max_new_tokens=1)
+        drafters[w].start([states[w]], [feats(context)])
+
+    def run(w):
+        drafters[w].propose([states[w]], [head.config.gamma])
+
+    def after(w):
+        drafters[w].update([states[w]], [new_tokens - 1], [feats(new_tokens)])
+        states[w].tokens += [5] * new_tokens
+        target.cached_forward(tok, cache.attention_mask(one), torch.full((1, 1), context, device=dev), cache)
+        cache.truncate(1)
+
+    for w in DRAFT_WEIGHTS:   # the first proposal projects the whole context: not a step's cost
+        run(w)
+        after(w)
+    return _timed(run, after, list(DRAFT_WEIGHTS), repeats, dev)

@@ -10,10 +10,14 @@ verification it gets back how many tokens survived and, when it asked for them t
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
+from .int8_weights import quantize_head_
+
+DRAFT_WEIGHTS = ("native", "int8")   # a head drafter's matrices: in the target's dtype, or int8 rows
 
 @dataclass
 class RequestState:
@@ -71,10 +75,17 @@ class HeadDrafter(Drafter):
     """Base for drafters driven by a trained head: shares the target's embedding and LM head with
     it and receives the hidden-state layers it was trained on. The head runs in the target's dtype
     (moved in place): in bf16 its small matmuls cost a fraction of fp32's on CPU, and a draft only
-    needs to be likely, since verification keeps the output exact."""
+    needs to be likely, since verification keeps the output exact. `draft_weights="int8"` keeps
+    its matrices as int8 rows (inference/int8_weights.py: half the bytes a proposal reads)."""
 
-    def __init__(self, head, target, temperature: float = 0.0, seed: int = 0):
+    def __init__(self, head, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
+        if draft_weights not in DRAFT_WEIGHTS:
+            raise ValueError(f"draft_weights '{draft_weights}' is unknown: choose from {DRAFT_WEIGHTS}")
+        if draft_weights == "int8":
+            head = copy.deepcopy(head)   # the caller's head keeps its weights
         self.head = head.to(target.device, target.dtype).attach(target).eval()
+        if draft_weights == "int8":
+            quantize_head_(self.head)
         self.name = head.config.kind
         self.feature_layers = tuple(head.config.target_layer_ids)
         self.temperature = float(temperature)

@@ -19,8 +19,8 @@ from .drafters import HeadDrafter, Proposal
 
 
 class DSparkDrafter(HeadDrafter):
-    def __init__(self, head: DSparkDraft, target, temperature: float = 0.0, seed: int = 0):
-        super().__init__(head, target, temperature, seed)
+    def __init__(self, head: DSparkDraft, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
+        super().__init__(head, target, temperature, seed, draft_weights)
         # rid → per layer [keys, values] buffers (1, capacity, kv, hd), filled up to self.length[rid]:
         # they grow by doubling, so a step writes only its new positions
         self.kv: dict[int, list[list[torch.Tensor]]] = {}
@@ -39,11 +39,12 @@ class DSparkDrafter(HeadDrafter):
         todo = [(rid, parts) for rid, parts in todo if parts or rid not in self.kv]
         if not todo:
             return
-        proj = self.head.context_proj
-        feats = [torch.cat(parts) if parts else proj.weight.new_zeros(0, proj.in_features) for _, parts in todo]
+        head = self.head
+        like = head.context_norm.weight   # the head's dtype and device (its matrices may be int8)
+        feats = [torch.cat(parts) if parts else like.new_zeros(0, head.context_proj.in_features) for _, parts in todo]
         starts = [self.length.get(rid, 0) for rid, _ in todo]
-        pos = torch.cat([torch.arange(s, s + len(f)) for s, f in zip(starts, feats)]).to(proj.weight.device)
-        new = self.head.context_kv(self.head.project_context(torch.cat(feats)[None]), pos[None])
+        pos = torch.cat([torch.arange(s, s + len(f)) for s, f in zip(starts, feats)]).to(like.device)
+        new = head.context_kv(head.project_context(torch.cat(feats)[None]), pos[None])
         offset = 0
         for (rid, _), start, f in zip(todo, starts, feats):
             n = len(f)
@@ -91,7 +92,7 @@ class DSparkDrafter(HeadDrafter):
         for i, s in enumerate(states):
             self.finish(s)
             feats = features[i] if features is not None else torch.zeros(0, self.head.context_proj.in_features)
-            self._queue(s.rid, feats.to(self.head.context_proj.weight.device))
+            self._queue(s.rid, feats.to(self.head.context_norm.weight.device))
 
     def update(self, states, accepted, features):
         for i, s in enumerate(states):
@@ -104,16 +105,18 @@ class DSparkDrafter(HeadDrafter):
 
     def propose_rows(self, states, limits, rows, out):
         head, g = self.head, self.head.config.gamma
-        dev = head.context_proj.weight.device
+        dev = head.context_norm.weight.device
         self._catch_up([states[i].rid for i in rows])
         lens = [self.length[states[i].rid] for i in rows]
         width = max(lens)
         kv = self._context([states[i].rid for i in rows], lens)
         anchors = torch.tensor([states[i].tokens[-1] for i in rows], device=dev)
         pos = block_positions(torch.tensor([len(states[i].tokens) - 1 for i in rows], device=dev), g)
-        ctx_ok = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-        mask = torch.cat([ctx_ok[:, None, :].expand(-1, g, -1), torch.ones(len(rows), g, g, dtype=torch.bool,
-                                                                            device=dev)], -1)
+        mask = None   # one request: its block sees its whole context and itself, nothing to mask
+        if len(rows) > 1:
+            ctx_ok = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+            mask = torch.cat([ctx_ok[:, None, :].expand(-1, g, -1),
+                              torch.ones(len(rows), g, g, dtype=torch.bool, device=dev)], -1)
         h = head.backbone(head.block_inputs(anchors), pos, kv, mask)
         toks, probs, confs = head.sample_block(h, anchors, self.temperature, self.gen)
         toks = head.d2t[toks]

@@ -20,8 +20,8 @@ from .drafters import HeadDrafter, Proposal
 
 
 class Eagle3Drafter(HeadDrafter):
-    def __init__(self, head: Eagle3Draft, target, temperature: float = 0.0, seed: int = 0):
-        super().__init__(head, target, temperature, seed)
+    def __init__(self, head: Eagle3Draft, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
+        super().__init__(head, target, temperature, seed, draft_weights)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # rid → committed keys/values (1, c, kv, hd)
         self.pending: dict[int, torch.Tensor] = {}                   # rid → features f_c … (m, k·H)
 

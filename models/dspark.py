@@ -126,15 +126,15 @@ class Attention(nn.Module):
 
     def forward(self, x, pos, ctx_kv, mask):
         """x: (B, Q, D) block states; ctx_kv: keys/values (B, C, kv, hd) of the context;
-        mask: (B, Q, C + Q) bool, True = may attend."""
+        mask: (B, Q, C + Q) bool, True = may attend; None: every query sees every key."""
         b, q, _ = x.shape
         qs = self.q_proj(x).view(b, q, self.h, self.hd)
         qs = rope(self.q_norm(qs) if hasattr(self, "q_norm") else qs, pos, self.theta)
         kb, vb = self.kv_of(x, pos)
         k = torch.cat([ctx_kv[0], kb], 1).transpose(1, 2)              # (B, kv, C+Q, hd)
         v = torch.cat([ctx_kv[1], vb], 1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qs.transpose(1, 2), k, v, attn_mask=mask[:, None],
-                                             enable_gqa=self.h != self.kv)
+        out = F.scaled_dot_product_attention(qs.transpose(1, 2), k, v, enable_gqa=self.h != self.kv,
+                                             attn_mask=None if mask is None else mask[:, None])
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
 
@@ -243,7 +243,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
     # ------------------------------------------------------------------ backbone
     def project_context(self, feats: torch.Tensor) -> torch.Tensor:
         """(…, k·H) concatenated target hidden states → (…, D) context states."""
-        return self.context_norm(self.context_proj(feats.to(self.context_proj.weight.dtype)))
+        return self.context_norm(self.context_proj(feats.to(self.context_norm.weight.dtype)))
 
     def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple]:
         """Per-layer keys/values of projected context ctx (B, C, D) at positions pos (B, C)."""
@@ -251,7 +251,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
 
     def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
         """anchors (…,) target ids → (…, γ, D): anchor embedding then γ−1 mask embeddings."""
-        dtype, m = self.context_proj.weight.dtype, self.config.mask_token_id
+        dtype, m = self.context_norm.weight.dtype, self.config.mask_token_id
         emb = F.embedding(anchors, self.embed_weight).to(dtype)
         mask = self.mask_embedding if m < 0 else self.embed_weight[m].to(dtype)
         masks = mask.expand(*anchors.shape, self.config.gamma - 1, -1)

@@ -157,16 +157,16 @@ class Eagle3Draft(DraftHeadBase, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.norm.weight.device
 
     # ------------------------------------------------------------------ one layer, any number of positions
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Target token ids (…) → (…, D) frozen target embeddings."""
-        return F.embedding(ids, self.embed_weight).to(self.fc.weight.dtype)
+        return F.embedding(ids, self.embed_weight).to(self.norm.weight.dtype)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """(…, k·H) concatenated target hidden states → (…, D) fused feature."""
-        return self.fc(feats.to(self.fc.weight.dtype))
+        return self.fc(feats.to(self.norm.weight.dtype))
 
     def step(self, ids, hid, pos, past, mask):
         """Draft entries for tokens ids (B, T) with features hid (B, T, D) at positions pos (B, T) over

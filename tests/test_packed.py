@@ -109,6 +109,15 @@ def test_step_cost_benchmark_prints_every_pair(capsys):
     assert len(decode) == 1 and float(decode[0].split("|")[-2]) > 0
 
 
+def test_proposal_cost_table_times_native_and_int8_weights(tiny_target, tmp_path, capsys):
+    from dspark.packed_cost import main
+
+    tiny_head(tiny_target).save_pretrained(tmp_path / "head")
+    main(["--target", "tiny", "--head", str(tmp_path / "head"), "--context", "16", "--repeats", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| γ = ")]
+    assert len(rows) == 1 and all(float(x) > 0 for x in rows[0].split("|")[2:5])
+
+
 def test_only_full_causal_attention_is_packed(tiny_target, monkeypatch):
     """(Which configs are plain causal attention: tests/test_attention.py.)"""
     assert plain_causal(tiny_target.model.config) and Engine(tiny_target).packed

@@ -80,3 +80,48 @@ def test_steps_without_drafting_cost_the_drafter_nothing(tiny_target, tiny_promp
     assert res.outputs == Engine(tiny_target).generate(tiny_prompts[:2], 30, eos_token_ids=[]).outputs
     proposing = (policy.steps + 3) // 4
     assert 0 < len(calls) <= 2 * proposing < policy.steps
+
+
+def test_int8_linear_matches_its_float_layer_within_rounding():
+    from dspark.inference.int8_weights import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    q = Int8Linear(lin, torch.float32)
+    x = torch.randn(3, 5, 96)
+    step = lin.weight.abs().amax(1) / 127                       # one rounding step per output row
+    bound = 0.5 * x.abs().sum(-1, keepdim=True) * step + 1e-5   # |Σ x·δw| with |δw| ≤ step / 2
+    assert q(x).shape == (3, 5, 40) and ((q(x) - lin(x)).abs() <= bound).all()
+    assert not torch.equal(q(x), lin(x))                         # it does round: the test sees the int8 path
+
+
+def test_int8_drafting_halves_the_matrices_keeps_the_callers_head_and_stays_lossless(tiny_target, tiny_prompts):
+    """int8 weights (inference/int8_weights.py) swap every Linear narrower than the draft vocabulary; the
+    drafts mostly agree with the native head's, and greedy output stays exactly plain greedy at R = 1
+    (no attention mask) and R = 3 (masked ragged context)."""
+    from dspark.inference.int8_weights import Int8Linear, quantize_head_
+
+    head = tiny_head(tiny_target, draft_vocab=200)
+    native, int8 = drafter_for(head, tiny_target), drafter_for(head, tiny_target, draft_weights="int8")
+    assert not any(isinstance(m, Int8Linear) for m in head.modules())   # the caller's head is untouched
+    swapped = [m for m in int8.head.modules() if isinstance(m, Int8Linear)]
+    assert len(swapped) >= 8 and all(m.out_features < 200 for m in swapped)
+    assert int8.head.chunk_head.up_proj.weight.dtype == torch.float32   # vocabulary-wide: kept native
+    import copy
+    before, after = quantize_head_(copy.deepcopy(head))
+    assert after < 0.3 * before                                          # fp32 → int8 + one scale per row
+    same = total = 0
+    for batch in ([tiny_prompts[1]], tiny_prompts):
+        plain = Engine(tiny_target).generate(batch, 30, eos_token_ids=[]).outputs
+        runs = {}
+        for name, d in (("native", native), ("int8", int8)):
+            recorded = []
+            propose = d.propose
+            d.propose = lambda states, limits, p=propose, r=recorded: r.append(p(states, limits)) or r[-1]
+            runs[name] = (Engine(tiny_target, d, gamma=4).generate(batch, 30, eos_token_ids=[]).outputs, recorded)
+            del d.propose
+        assert runs["int8"][0] == runs["native"][0] == plain
+        for a, b in zip(runs["native"][1][0], runs["int8"][1][0]):   # the first step: same context for both
+            same += sum(x == y for x, y in zip(a.tokens, b.tokens))
+            total += len(a.tokens)
+    assert total and same >= 0.75 * total, (same, total)
