@@ -19,6 +19,7 @@ from .int8_weights import quantize_head_
 
 DRAFT_WEIGHTS = ("native", "int8")   # a head drafter's matrices: in the target's dtype, or int8 rows
 
+
 @dataclass
 class RequestState:
     """What the runtime knows about one request. `tokens[-1]` is the anchor: the last token the

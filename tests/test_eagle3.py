@@ -262,13 +262,13 @@ def test_trained_head_reports_tau_and_is_lossless(tiny_target, tiny_prompts, tra
     plain = Engine(tiny_target).generate(tiny_prompts, MAX_NEW).outputs
     taus = []
     for gamma, batch in ((4, 1), (7, 3)):   # the random-head runs in test_runtime_lossless cover the full grid
-        if True:
-            drafter = Eagle3Drafter(head, tiny_target)
+        for weights in ("native", "int8"):   # int8 drafting weights (inference/int8_weights.py) change drafts only
+            drafter = Eagle3Drafter(head, tiny_target, draft_weights=weights)
             outs = []
             for start in range(0, 3, batch):
                 res = Engine(tiny_target, drafter, gamma=gamma).generate(
                     tiny_prompts[start:start + batch], MAX_NEW[start:start + batch])
                 outs += res.outputs
                 taus.append(res.summary()["tau"])
-            assert outs == plain, f"eagle3 γ={gamma} R={batch} diverged from plain greedy"
+            assert outs == plain, f"eagle3 γ={gamma} R={batch} {weights} diverged from plain greedy"
     assert max(taus) > 1.0   # the trained head gets drafts accepted, so rollback paths are exercised
