@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dspark.core.errors import DSparkError
+
 
 class Int8Linear(nn.Module):
     """y = x·Wᵀ (+ b) with W stored as int8 rows × one scale per row, in the input's dtype."""
@@ -35,6 +37,9 @@ class Int8Linear(nn.Module):
 def quantize_head_(head: nn.Module) -> tuple[int, int]:
     """Swap, in place, every Linear of a head whose output is narrower than the draft vocabulary for an
     int8 one (in the head's dtype). Returns the swapped matrices' bytes before and after."""
+    if not hasattr(torch, "_weight_int8pack_mm"):   # a private op (torch 2.3+): say so instead of failing mid-run
+        raise DSparkError(f"draft_weights=int8 needs torch._weight_int8pack_mm, which torch {torch.__version__} "
+                         "lacks: use draft_weights=native or the pinned torch")
     vocab = head.config.draft_vocab_size
     dtype = next(head.parameters()).dtype
     before = after = 0

@@ -125,3 +125,13 @@ def test_int8_drafting_halves_the_matrices_keeps_the_callers_head_and_stays_loss
             same += sum(x == y for x, y in zip(a.tokens, b.tokens))
             total += len(a.tokens)
     assert total and same >= 0.75 * total, (same, total)
+
+
+def test_int8_drafting_without_the_kernel_is_one_clear_error(tiny_target, monkeypatch):
+    import pytest
+
+    from dspark.core.errors import DSparkError
+
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    with pytest.raises(DSparkError, match="draft_weights=native"):
+        drafter_for(tiny_head(tiny_target), tiny_target, draft_weights="int8")
