@@ -82,11 +82,10 @@ class HeadDrafter(Drafter):
     def __init__(self, head, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
         if draft_weights not in DRAFT_WEIGHTS:
             raise ValueError(f"draft_weights '{draft_weights}' is unknown: choose from {DRAFT_WEIGHTS}")
-        if draft_weights == "int8":
-            head = copy.deepcopy(head)   # the caller's head keeps its weights
+        if draft_weights == "int8":   # a quantised copy: the caller's head keeps its weights
+            head = copy.deepcopy(head).to(target.device, target.dtype)
+            quantize_head_(head)
         self.head = head.to(target.device, target.dtype).attach(target).eval()
-        if draft_weights == "int8":
-            quantize_head_(self.head)
         self.name = head.config.kind
         self.feature_layers = tuple(head.config.target_layer_ids)
         self.temperature = float(temperature)
