@@ -197,7 +197,7 @@ RULES: dict[str, dict] = {
         "grad_accum": Int(1), "anchors_per_seq": Int(1), "val_anchors_per_seq": Int(1), "val_walk_rows": Int(0, null=True),
         "max_steps": Int(1),
         "max_minutes": Pos(null=True), "eval_every": Int(1), "save_every": Int(0), "keep_checkpoints": Int(1),
-        "resume": Bool(), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(), "keep_target_stats": Bool(),
+        "resume": Bool(), "init_from": Text(null=True), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(), "keep_target_stats": Bool(),
         "loss.ce": Num(0), "loss.l1": Num(0), "loss.conf": Num(0), "loss.decay": Pos(null=True),
         "loss.labels": Choice((None, "data", "target")),
         "optim.lr": Pos(), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import dspark.train.trainer as trainer_mod
 from conftest import compose_cfg
@@ -114,3 +115,27 @@ def test_a_dataset_for_another_target_is_refused(data_dir, tmp_path):
     info["description"] = ""   # an older dataset without the record passes
     (ds / "dataset_info.json").write_text(json.dumps(info))
     assert load_rows(str(ds), 96, 10**6, target="tiny")
+
+
+def test_a_warm_start_takes_the_heads_weights_and_vocabulary_and_refuses_another_shape(data_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    train(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={src}", "max_steps=2", "eval_every=2",
+                      "save_every=0", "draft.draft_vocab_size=40"))
+    state = load_file(str(src / "head" / "model.safetensors"))
+    state["d2t"] = state["d2t"].flip(0)   # an order no fresh vocabulary (most frequent first) has
+    save_file(state, str(src / "head" / "model.safetensors"))
+    cfg = compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path / 'warm'}", "max_steps=2",
+                      "eval_every=2", "save_every=0", "draft.draft_vocab_size=40", f"init_from={src / 'head'}")
+    t = Trainer(cfg)
+    got = t.head.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items()) and torch.equal(t.head.t2d[state["d2t"]],
+                                                                                   torch.arange(40))
+    assert t.fit()["steps"] == 2   # and it trains on
+    with pytest.raises(DSparkError, match=r"num_layers: head 1 vs draft 2.*draft=<its size>"):
+        Trainer(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path / 'x'}",
+                            "draft.draft_vocab_size=40", "draft.num_layers=2", f"init_from={src / 'head'}"))
+    with pytest.raises(DSparkError, match="not a draft head folder"):
+        Trainer(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path / 'y'}",
+                            f"init_from={tmp_path}"))

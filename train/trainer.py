@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic
 from dspark.data.dataset import greedy_regenerated, load_rows, responses_of, split
-from dspark.models.heads import build_head
+from dspark.models.heads import build_head, read_head
 from dspark.models.target import load_target
 
 from .data import FeatureSource, cache_files, check_store_dir, collate, draft_vocabulary
@@ -65,6 +65,29 @@ def run_settings(cfg) -> dict:
     return json.loads(json.dumps(flat, default=str))   # as read back from the json
 
 
+# Fields a warm start may change: calibration output (refitted by `dspark calibrate`) and where the target came from.
+WARM_START_FREE = frozenset({"confidence_temperatures", "target_name_or_path", "target_revision"})
+
+
+def warm_start(folder, draft_cfg, target):
+    """A head of `draft_cfg` for `target` holding the weights and draft vocabulary of the trained head in
+    `folder` (`init_from=`): a new LR schedule continues it, on the same or other data. Its architecture
+    must be the one `draft_cfg` builds; one clear error names the fields that differ."""
+    old = read_head(folder)
+    head = build_head(draft_cfg, target, old.d2t)
+    if type(head) is not type(old):
+        raise DSparkError(f"init_from={folder} holds a {old.architecture} head but draft.architecture builds "
+                          f"{head.architecture}: pass draft.architecture={old.architecture}")
+    mine, theirs = vars(head.config), vars(old.config)
+    differ = sorted(k for k in mine if k not in WARM_START_FREE and mine[k] != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: head {theirs.get(k)!r} vs draft {mine[k]!r}" for k in differ)
+        raise DSparkError(f"init_from={folder} does not fit this run's draft settings ({shown}): pass the head's "
+                          "draft settings (draft=<its size> and overrides) or train from scratch without init_from")
+    head.load_state_dict(old.state_dict(), strict=True)   # weights and d2t; the target's shared rows stay attached
+    return head
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -99,8 +122,11 @@ class Trainer:
         # the walk τ takes the rows' tokens as the target's greedy choices: greedy self-distilled rows only
         self.walk_rows = self.val_rows[:cfg.val_walk_rows] if greedy_regenerated(cfg.val_data_dir or cfg.data_dir) \
             else []
-        d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
-        self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
+        if cfg.init_from:
+            self.head = warm_start(cfg.init_from, cfg.draft, self.target).to(self.acc.device)
+        else:
+            d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
+            self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
         c = self.head.config
         self.features = FeatureSource(self.target, c.target_layer_ids, cfg.features_dir, cfg.features,
                                       cfg.features_dtype)
