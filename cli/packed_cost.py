@@ -4,7 +4,8 @@ Packed vs padded verification: for R rows over a `--context`-token cache, one ro
 (γ+1 tokens) and the others either only their anchor ("one long") or a random share of the block
 ("mixed"). Then grouped vs Hugging Face eager attention in a decode step (one token per row), at
 `--decode-rows` rows over `--decode-contexts` cached tokens. With `--head`, a trained head's proposal at
-R = 1 with its native and its int8 weights (`draft_weights`), each right after a target decode step.
+R = 1 with its native and its int8 weights (`draft_weights`; `--compile`: each also through torch.compile,
+`draft_compile`), each right after a target decode step.
 """
 from __future__ import annotations
 
@@ -33,16 +34,17 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-rows", type=int, nargs="+", default=[1, 8, 16, 48])
     ap.add_argument("--decode-contexts", type=int, nargs="+", default=[256, 600])
     ap.add_argument("--head", help="a trained head folder: time its proposals (native vs int8 weights) only")
+    ap.add_argument("--compile", action="store_true", help="with --head: also time each through torch.compile")
     a = ap.parse_args(argv)
     target = load_target(OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text()))
     if a.head:
         head = load_head(a.head)
         print(f"{target.name} ({str(target.dtype).replace('torch.', '')}), {a.head} ({head.config.kind}), context "
               f"{a.context}, R = 1, {torch.get_num_threads()} threads, median of {a.repeats}")
-        t = proposal_times(target, head, a.context, a.repeats)
-        print("| proposal after a target step | native ms | int8 ms | int8 / native |\n|---|---|---|---|")
-        print(f"| γ = {head.config.gamma} | {1e3 * t['native']:.2f} | {1e3 * t['int8']:.2f} | "
-              f"{t['int8'] / t['native']:.2f} |")
+        t = proposal_times(target, head, a.context, a.repeats, compiled=a.compile)
+        print(f"| proposal after a target step (γ = {head.config.gamma}) | ms | / native |\n|---|---|---|")
+        for name, s in t.items():
+            print(f"| {name} | {1e3 * s:.2f} | {s / t['native']:.2f} |")
         return
     rng = random.Random(0)
     print(f"{target.name} ({str(target.dtype).replace('torch.', '')}), context {a.context}, width {a.width}, "

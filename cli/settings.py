@@ -223,7 +223,7 @@ RULES: dict[str, dict] = {
         "methods": Each(Choice(("plain",) + DRAFTER_FREE)),
         "released_head": Bool(), "policies": Each(Policy()), "threshold": Num(0, 1, open_lo=True),
         "prompts_per_level": Int(1, null=True), "sched.unit": Choice(("column", "position")), "packed": Bool(),
-        "draft_weights": Choice(DRAFT_WEIGHTS),
+        "draft_weights": Choice(DRAFT_WEIGHTS), "draft_compile": Bool(),
         "sched.profile_context": Int(1), "sched.profile_repeats": Int(1), "sched.reprofile": Bool(),
         "prompt_lookup.max_ngram": Int(1), "prompt_lookup.min_ngram": Int(1), "near_tie_margin": Num(0),
         "load.rates": Each(Pos()), "load.requests": Int(1), "load.max_batch": Int(1), "load.seed": Int(0),

@@ -164,7 +164,8 @@ class Bench:
             drafter = PromptLookupDrafter(c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
         elif method.trained:
             drafter = drafter_for(self.heads[method.head], self.target, temperature=c.temperature, seed=c.seed,
-                                  draft_weights=c.get("draft_weights", "native"))
+                                  draft_weights=c.get("draft_weights", "native"),
+                                  draft_compile=bool(c.get("draft_compile", False)))
             if method.combined == "lookup":
                 drafter = CombinedDrafter(drafter, c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
             policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit, packed=c.packed)

@@ -89,10 +89,12 @@ def step_times(target, sizes: list[int], width: int, context: int, repeats: int)
     return t["padded"], t["packed"]
 
 
-def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3) -> dict[str, float]:
-    """Median seconds of one R = 1 proposal of `head` (a full block) per `DRAFT_WEIGHTS` entry, each
-    right after a target decode step over a `context`-token cache (as in the runtime: the step leaves
-    the head's weights out of cache), with `new_tokens` new context positions to project per proposal."""
+def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3,
+                   compiled: bool = False) -> dict[str, float]:
+    """Median seconds of one R = 1 proposal of `head` (a full block) per `DRAFT_WEIGHTS` entry (and,
+    with `compiled`, each again through torch.compile: "int8+compile"), each right after a target decode
+    step over a `context`-token cache (as in the runtime: the step leaves the head's weights out of
+    cache), with `new_tokens` new context positions to project per proposal."""
     dev = target.device
     cache = _filled_cache(target, 1, context)
     one, tok = torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -102,22 +104,25 @@ def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3
     def feats(n):
         return torch.randn(n, width, generator=gen).to(dev, target.dtype)
 
+    variants = [(w, c) for c in ((False, True) if compiled else (False,)) for w in DRAFT_WEIGHTS]
     drafters, states = {}, {}
-    for w in DRAFT_WEIGHTS:
-        drafters[w] = drafter_for(head, target, draft_weights=w)
-        states[w] = RequestState(rid=0, tokens=list(range(100, 100 + context)), n_prompt=context, max_new_tokens=1)
-        drafters[w].start([states[w]], [feats(context)])
+    for w, c in variants:
+        name = w + "+compile" * c
+        drafters[name] = drafter_for(head, target, draft_weights=w, draft_compile=c)
+        states[name] = RequestState(rid=0, tokens=list(range(100, 100 + context)), n_prompt=context, max_new_tokens=1)
+        drafters[name].start([states[name]], [feats(context)])
 
-    def run(w):
-        drafters[w].propose([states[w]], [head.config.gamma])
+    def run(name):
+        drafters[name].propose([states[name]], [head.config.gamma])
 
-    def after(w):
-        drafters[w].update([states[w]], [new_tokens - 1], [feats(new_tokens)])
-        states[w].tokens += [5] * new_tokens
+    def after(name):
+        drafters[name].update([states[name]], [new_tokens - 1], [feats(new_tokens)])
+        states[name].tokens += [5] * new_tokens
         target.cached_forward(tok, cache.attention_mask(one), torch.full((1, 1), context, device=dev), cache)
         cache.truncate(1)
 
-    for w in DRAFT_WEIGHTS:   # the first proposal projects the whole context: not a step's cost
-        run(w)
-        after(w)
-    return _timed(run, after, list(DRAFT_WEIGHTS), repeats, dev)
+    for name in drafters:   # the first proposals project the whole context (and compile): not a step's cost
+        for _ in range(3 if compiled else 1):
+            run(name)
+            after(name)
+    return _timed(run, after, list(drafters), repeats, dev)

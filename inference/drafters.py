@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compiled_head import compile_head_
 from .int8_weights import quantize_head_
 
 DRAFT_WEIGHTS = ("native", "int8")   # a head drafter's matrices: in the target's dtype, or int8 rows
@@ -77,14 +78,19 @@ class HeadDrafter(Drafter):
     it and receives the hidden-state layers it was trained on. The head runs in the target's dtype
     (moved in place): in bf16 its small matmuls cost a fraction of fp32's on CPU, and a draft only
     needs to be likely, since verification keeps the output exact. `draft_weights="int8"` keeps
-    its matrices as int8 rows (inference/int8_weights.py: half the bytes a proposal reads)."""
+    its matrices as int8 rows (inference/int8_weights.py: half the bytes a proposal reads);
+    `draft_compile=True` runs its hot methods through torch.compile (inference/compiled_head.py)."""
 
-    def __init__(self, head, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
+    def __init__(self, head, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native",
+                 draft_compile: bool = False):
         if draft_weights not in DRAFT_WEIGHTS:
             raise ValueError(f"draft_weights '{draft_weights}' is unknown: choose from {DRAFT_WEIGHTS}")
-        if draft_weights == "int8":   # a quantised copy: the caller's head keeps its weights
+        if draft_weights == "int8" or draft_compile:   # a copy of its own: the caller's head stays as it is
             head = copy.deepcopy(head).to(target.device, target.dtype)
+        if draft_weights == "int8":
             quantize_head_(head)
+        if draft_compile:
+            compile_head_(head)
         self.head = head.to(target.device, target.dtype).attach(target).eval()
         self.name = head.config.kind
         self.feature_layers = tuple(head.config.target_layer_ids)

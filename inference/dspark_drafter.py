@@ -19,8 +19,9 @@ from .drafters import HeadDrafter, Proposal
 
 
 class DSparkDrafter(HeadDrafter):
-    def __init__(self, head: DSparkDraft, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
-        super().__init__(head, target, temperature, seed, draft_weights)
+    def __init__(self, head: DSparkDraft, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native",
+                 draft_compile: bool = False):
+        super().__init__(head, target, temperature, seed, draft_weights, draft_compile)
         # rid → per layer [keys, values] buffers (1, capacity, kv, hd), filled up to self.length[rid]:
         # they grow by doubling, so a step writes only its new positions
         self.kv: dict[int, list[list[torch.Tensor]]] = {}

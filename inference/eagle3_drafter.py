@@ -20,8 +20,9 @@ from .drafters import HeadDrafter, Proposal
 
 
 class Eagle3Drafter(HeadDrafter):
-    def __init__(self, head: Eagle3Draft, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native"):
-        super().__init__(head, target, temperature, seed, draft_weights)
+    def __init__(self, head: Eagle3Draft, target, temperature: float = 0.0, seed: int = 0, draft_weights: str = "native",
+                 draft_compile: bool = False):
+        super().__init__(head, target, temperature, seed, draft_weights, draft_compile)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # rid → committed keys/values (1, c, kv, hd)
         self.pending: dict[int, torch.Tensor] = {}                   # rid → features f_c … (m, k·H)
 

@@ -88,15 +88,18 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-@functools.lru_cache(maxsize=8)
 def _inv_freq(d: int, theta: float, device: torch.device) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+
+
+_cached_inv_freq = functools.lru_cache(maxsize=8)(_inv_freq)
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (Llama's rotate-half layout). x: (B, N, h, d); pos: (B, N)."""
     d = x.shape[-1]
-    inv = _inv_freq(d, float(theta), x.device)
+    # eager calls reuse the frequencies; a compiled graph (draft_compile) folds them in as constants
+    inv = (_inv_freq if torch.compiler.is_compiling() else _cached_inv_freq)(d, float(theta), x.device)
     ang = pos.float()[..., None] * inv                               # (B, N, d/2)
     cos, sin = torch.cat([ang, ang], -1).cos()[:, :, None], torch.cat([ang, ang], -1).sin()[:, :, None]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -198,6 +201,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
 
     config_class = DSparkConfig
     architecture = "dspark"
+    compiled_methods = ("backbone", "sample_block")   # a proposal's hot path (inference/compiled_head.py)
 
     @classmethod
     def from_draft_cfg(cls, d, target, d2t) -> "DSparkDraft":

@@ -135,6 +135,7 @@ class Eagle3Draft(DraftHeadBase, nn.Module):
 
     config_class = Eagle3Config
     architecture = "eagle3"
+    compiled_methods = ("step", "logits")   # a proposal's hot path (inference/compiled_head.py)
 
     @classmethod
     def from_draft_cfg(cls, d, target, d2t) -> "Eagle3Draft":

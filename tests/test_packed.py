@@ -114,8 +114,11 @@ def test_proposal_cost_table_times_native_and_int8_weights(tiny_target, tmp_path
 
     tiny_head(tiny_target).save_pretrained(tmp_path / "head")
     main(["--target", "tiny", "--head", str(tmp_path / "head"), "--context", "16", "--repeats", "2"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| γ = ")]
-    assert len(rows) == 1 and all(float(x) > 0 for x in rows[0].split("|")[2:5])
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out if line.startswith("| native |")
+            or line.startswith("| int8 |")}
+    assert set(rows) == {"native", "int8"} and all(float(x) > 0 for r in rows.values() for x in r)
+    assert float(rows["native"][1]) == 1.0
 
 
 def test_only_full_causal_attention_is_packed(tiny_target, monkeypatch):

@@ -135,3 +135,50 @@ def test_int8_drafting_without_the_kernel_is_one_clear_error(tiny_target, monkey
     monkeypatch.delattr(torch, "_weight_int8pack_mm")
     with pytest.raises(DSparkError, match="draft_weights=native"):
         drafter_for(tiny_head(tiny_target), tiny_target, draft_weights="int8")
+
+
+def _compiler_missing() -> bool:
+    import os
+    import shutil
+    return not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
+
+
+def test_compiled_drafting_drafts_like_the_eager_head_and_stays_lossless(tiny_target, tiny_prompts):
+    """draft_compile (inference/compiled_head.py) runs the head's hot methods through torch.compile on a
+    copy of its own: drafts equal the eager head's up to rounding, greedy output stays exactly plain greedy
+    at R = 1 (no attention mask) and R = 3 (masked ragged context), and the caller's head is untouched."""
+    import pytest
+
+    if _compiler_missing():
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    head = tiny_head(tiny_target, draft_vocab=200)
+    eager, compiled = drafter_for(head, tiny_target), drafter_for(head, tiny_target, draft_compile=True)
+    assert "backbone" not in vars(head) and "backbone" in vars(compiled.head)   # only the copy is compiled
+    same = total = 0
+    for batch in ([tiny_prompts[1]], tiny_prompts):
+        plain = Engine(tiny_target).generate(batch, 30, eos_token_ids=[]).outputs
+        runs = {}
+        for name, d in (("eager", eager), ("compiled", compiled)):
+            recorded = []
+            propose = d.propose
+            d.propose = lambda states, limits, p=propose, r=recorded: r.append(p(states, limits)) or r[-1]
+            runs[name] = (Engine(tiny_target, d, gamma=4).generate(batch, 30, eos_token_ids=[]).outputs, recorded)
+            del d.propose
+        assert runs["compiled"][0] == runs["eager"][0] == plain
+        for a, b in zip(runs["eager"][1][0], runs["compiled"][1][0]):   # the first step: same context for both
+            same += sum(x == y for x, y in zip(a.tokens, b.tokens))
+            total += len(a.tokens)
+    assert total and same >= 0.9 * total, (same, total)
+
+
+def test_compiled_drafting_without_a_compiler_is_one_clear_error(tiny_target, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from dspark.core.errors import DSparkError
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(DSparkError, match="draft_compile=false"):
+        drafter_for(tiny_head(tiny_target), tiny_target, draft_compile=True)
