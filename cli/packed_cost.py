@@ -35,14 +35,16 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-contexts", type=int, nargs="+", default=[256, 600])
     ap.add_argument("--head", help="a trained head folder: time its proposals (native vs int8 weights) only")
     ap.add_argument("--compile", action="store_true", help="with --head: also time each through torch.compile")
+    ap.add_argument("--warm", action="store_true", help="with --head: no target step between proposals (warm caches)")
     a = ap.parse_args(argv)
     target = load_target(OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text()))
     if a.head:
         head = load_head(a.head)
         print(f"{target.name} ({str(target.dtype).replace('torch.', '')}), {a.head} ({head.config.kind}), context "
               f"{a.context}, R = 1, {torch.get_num_threads()} threads, median of {a.repeats}")
-        t = proposal_times(target, head, a.context, a.repeats, compiled=a.compile)
-        print(f"| proposal after a target step (γ = {head.config.gamma}) | ms | / native |\n|---|---|---|")
+        t = proposal_times(target, head, a.context, a.repeats, compiled=a.compile, warm=a.warm)
+        when = "with warm caches" if a.warm else "after a target step"
+        print(f"| proposal {when} (γ = {head.config.gamma}) | ms | / native |\n|---|---|---|")
         for name, s in t.items():
             print(f"| {name} | {1e3 * s:.2f} | {s / t['native']:.2f} |")
         return

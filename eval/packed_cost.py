@@ -90,11 +90,12 @@ def step_times(target, sizes: list[int], width: int, context: int, repeats: int)
 
 
 def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3,
-                   compiled: bool = False) -> dict[str, float]:
+                   compiled: bool = False, warm: bool = False) -> dict[str, float]:
     """Median seconds of one R = 1 proposal of `head` (a full block) per `DRAFT_WEIGHTS` entry (and,
     with `compiled`, each again through torch.compile: "int8+compile"), each right after a target decode
     step over a `context`-token cache (as in the runtime: the step leaves the head's weights out of
-    cache), with `new_tokens` new context positions to project per proposal."""
+    cache; `warm`: no target step between proposals), with `new_tokens` new context positions to project
+    per proposal."""
     dev = target.device
     cache = _filled_cache(target, 1, context)
     one, tok = torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -118,6 +119,8 @@ def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3
     def after(name):
         drafters[name].update([states[name]], [new_tokens - 1], [feats(new_tokens)])
         states[name].tokens += [5] * new_tokens
+        if warm:
+            return
         target.cached_forward(tok, cache.attention_mask(one), torch.full((1, 1), context, device=dev), cache)
         cache.truncate(1)
 
