@@ -157,6 +157,8 @@ def _training(t: dict | None, g: dict | None) -> str:
         lines.append(f"- Run: {t.get('steps')} steps in {t.get('wall_s', 0) / 60:.1f} min on {t.get('processes')} "
                      f"process(es), {t.get('train_rows')} training / {t.get('val_rows')} validation rows, "
                      f"{_f(t.get('positions_per_s'), '.0f')} training positions/s.")
+        if t.get("init_from"):
+            lines.append(f"- Warm start: the run began from the weights and draft vocabulary of `{t['init_from']}`.")
         if t.get("val_tau") is not None:
             walk = f", greedy runtime walk τ {_f(t.get('val_tau_walk'), '.3f')}" if t.get("val_tau_walk") else ""
             lines.append(f"- Held-out expected τ (sampling) {_f(t.get('val_tau'), '.3f')}, greedy τ "

@@ -356,3 +356,12 @@ def test_a_second_export_into_the_same_folder_is_refused_while_one_runs(tiny_tar
         with pytest.raises(DSparkError, match="another dspark export is writing"):
             export.run(export_cfg(tmp_path))
     assert not (tmp_path / "export").exists()
+
+
+def test_card_names_a_warm_start():
+    from dspark.hub import model_card
+
+    run = {"objective": "dspark", "steps": 10, "wall_s": 60.0, "processes": 1}
+    assert "Warm start" not in model_card._training({**run, "init_from": None}, None)
+    assert "weights and draft vocabulary of `runs/L/head`" in model_card._training({**run, "init_from": "runs/L/head"},
+                                                                                  None)

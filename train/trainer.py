@@ -356,7 +356,7 @@ class Trainer:
             summary = {
                 "objective": c.kind, "draft": self.cfg.draft.name, "target": self.target.name,
                 "trainable_params": self.head.num_trainable(), "draft_vocab_size": c.draft_vocab_size,
-                "gamma": c.gamma, "steps": st["step"], "wall_s": st["seconds"],
+                "gamma": c.gamma, "init_from": self.cfg.init_from, "steps": st["step"], "wall_s": st["seconds"],
                 "val_s": st.get("val_seconds", 0.0), "train_positions": st["positions"],
                 "positions_per_s": st["positions"] / max(st["seconds"] - st.get("val_seconds", 0.0), 1e-9),
                 "train_rows": len(self.train_rows), "val_rows": len(self.val_rows), "features": self.features.mode,
