@@ -18,7 +18,8 @@ from dspark.core.errors import DSparkError
 
 def compile_head_(head) -> None:
     """Replace `head`'s `compiled_methods` by their compiled versions, in place (on a drafter's own copy)."""
-    if next(head.parameters()).device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if next(head.parameters()).device.type == "cpu" and not compiler:
         raise DSparkError("draft_compile=true needs a C++ compiler on CPU (torch.compile builds C++ kernels): "
                           "install g++ (or set CXX), or use draft_compile=false")
     for name in head.compiled_methods:

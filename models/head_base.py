@@ -67,6 +67,7 @@ class DraftHeadBase:
 
     config_class: type
     architecture: str
+    compiled_methods: tuple[str, ...] = ()   # a proposal's hot methods, for draft_compile (inference/compiled_head.py)
 
     @classmethod
     def from_draft_cfg(cls, d, target, d2t):

@@ -73,3 +73,9 @@ def tiny_head(target, sequential_head="markov", draft_vocab=None, seed=0, **over
     if sequential_head != "none":   # make the sequential head matter in tests
         torch.nn.init.normal_(head.chunk_head.up_proj.weight, std=0.5)
     return head.attach(target)
+
+
+def has_compiler() -> bool:
+    """torch.compile on CPU (draft_compile) builds C++ kernels: a C++ compiler must be on the machine."""
+    import shutil
+    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_cfg
+from conftest import compose_cfg, has_compiler
 from dspark.inference import Eagle3Drafter, Engine, drafter_for
 from dspark.inference.drafters import RequestState
 from dspark.hub.layouts import LAYOUTS
@@ -262,13 +262,14 @@ def test_trained_head_reports_tau_and_is_lossless(tiny_target, tiny_prompts, tra
     plain = Engine(tiny_target).generate(tiny_prompts, MAX_NEW).outputs
     taus = []
     for gamma, batch in ((4, 1), (7, 3)):   # the random-head runs in test_runtime_lossless cover the full grid
-        for weights in ("native", "int8"):   # int8 drafting weights (inference/int8_weights.py) change drafts only
-            drafter = Eagle3Drafter(head, tiny_target, draft_weights=weights)
+        # int8 weights and compiled drafting (inference/int8_weights.py, compiled_head.py) change drafts only
+        for weights, compiled in (("native", False), ("int8", False), ("native", gamma == 4 and has_compiler())):
+            drafter = Eagle3Drafter(head, tiny_target, draft_weights=weights, draft_compile=compiled)
             outs = []
             for start in range(0, 3, batch):
                 res = Engine(tiny_target, drafter, gamma=gamma).generate(
                     tiny_prompts[start:start + batch], MAX_NEW[start:start + batch])
                 outs += res.outputs
                 taus.append(res.summary()["tau"])
-            assert outs == plain, f"eagle3 γ={gamma} R={batch} {weights} diverged from plain greedy"
+            assert outs == plain, f"eagle3 γ={gamma} R={batch} {weights} compiled={compiled} diverged from plain"
     assert max(taus) > 1.0   # the trained head gets drafts accepted, so rollback paths are exercised

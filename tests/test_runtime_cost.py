@@ -2,7 +2,7 @@
 truncated instead of left as holes, and the drafter's growing context buffers equal a from-scratch context."""
 import torch
 
-from conftest import tiny_head, tiny_target_cfg
+from conftest import has_compiler, tiny_head, tiny_target_cfg
 
 from dspark.inference import Engine, drafter_for
 from dspark.inference.cache import SlotCache
@@ -137,19 +137,13 @@ def test_int8_drafting_without_the_kernel_is_one_clear_error(tiny_target, monkey
         drafter_for(tiny_head(tiny_target), tiny_target, draft_weights="int8")
 
 
-def _compiler_missing() -> bool:
-    import os
-    import shutil
-    return not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
-
-
 def test_compiled_drafting_drafts_like_the_eager_head_and_stays_lossless(tiny_target, tiny_prompts):
     """draft_compile (inference/compiled_head.py) runs the head's hot methods through torch.compile on a
     copy of its own: drafts equal the eager head's up to rounding, greedy output stays exactly plain greedy
     at R = 1 (no attention mask) and R = 3 (masked ragged context), and the caller's head is untouched."""
     import pytest
 
-    if _compiler_missing():
+    if not has_compiler():
         pytest.skip("torch.compile on CPU needs a C++ compiler")
     head = tiny_head(tiny_target, draft_vocab=200)
     eager, compiled = drafter_for(head, tiny_target), drafter_for(head, tiny_target, draft_compile=True)
