@@ -66,8 +66,9 @@ class Eagle3Drafter(HeadDrafter):
         lens = [self._committed(states[i].rid) for i in rows]
         width = max(lens)
         kvh, hd = head.config.num_key_value_heads, head.config.head_dim
-        past_k = torch.zeros(r, width, kvh, hd, device=dev)
-        past_v = torch.zeros(r, width, kvh, hd, device=dev)
+        dtype = head.norm.weight.dtype   # the target's (bf16 on SmolLM2): keys must match the queries
+        past_k = torch.zeros(r, width, kvh, hd, device=dev, dtype=dtype)
+        past_v = torch.zeros(r, width, kvh, hd, device=dev, dtype=dtype)
         for j, (i, n) in enumerate(zip(rows, lens)):
             if n:
                 past_k[j, :n], past_v[j, :n] = self.kv[states[i].rid][0][0], self.kv[states[i].rid][1][0]
