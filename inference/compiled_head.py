@@ -16,10 +16,13 @@ import torch
 from dspark.core.errors import DSparkError
 
 
+def has_cpp_compiler() -> bool:
+    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
+
+
 def compile_head_(head) -> None:
     """Replace `head`'s `compiled_methods` by their compiled versions, in place (on a drafter's own copy)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-    if next(head.parameters()).device.type == "cpu" and not compiler:
+    if next(head.parameters()).device.type == "cpu" and not has_cpp_compiler():
         raise DSparkError("draft_compile=true needs a C++ compiler on CPU (torch.compile builds C++ kernels): "
                           "install g++ (or set CXX), or use draft_compile=false")
     for name in head.compiled_methods:

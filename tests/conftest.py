@@ -77,5 +77,5 @@ def tiny_head(target, sequential_head="markov", draft_vocab=None, seed=0, **over
 
 def has_compiler() -> bool:
     """torch.compile on CPU (draft_compile) builds C++ kernels: a C++ compiler must be on the machine."""
-    import shutil
-    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
+    from dspark.inference.compiled_head import has_cpp_compiler
+    return has_cpp_compiler()

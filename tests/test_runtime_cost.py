@@ -95,6 +95,26 @@ def test_int8_linear_matches_its_float_layer_within_rounding():
     assert not torch.equal(q(x), lin(x))                         # it does round: the test sees the int8 path
 
 
+def first_step_agreement(target, prompts, reference, variant) -> tuple[int, int]:
+    """Greedy output with either drafter equals plain greedy at R = 1 and R = 3; returns how many of the first
+    step's drafts (same context for both) agree, and how many there were."""
+    same = total = 0
+    for batch in ([prompts[1]], prompts):
+        plain = Engine(target).generate(batch, 30, eos_token_ids=[]).outputs
+        runs = []
+        for d in (reference, variant):
+            recorded = []
+            propose = d.propose
+            d.propose = lambda states, limits, p=propose, r=recorded: r.append(p(states, limits)) or r[-1]
+            runs.append((Engine(target, d, gamma=4).generate(batch, 30, eos_token_ids=[]).outputs, recorded))
+            del d.propose
+        assert runs[1][0] == runs[0][0] == plain
+        for a, b in zip(runs[0][1][0], runs[1][1][0]):
+            same += sum(x == y for x, y in zip(a.tokens, b.tokens))
+            total += len(a.tokens)
+    return same, total
+
+
 def test_int8_drafting_halves_the_matrices_keeps_the_callers_head_and_stays_lossless(tiny_target, tiny_prompts):
     """int8 weights (inference/int8_weights.py) swap every Linear narrower than the draft vocabulary; the
     drafts mostly agree with the native head's, and greedy output stays exactly plain greedy at R = 1
@@ -110,20 +130,7 @@ def test_int8_drafting_halves_the_matrices_keeps_the_callers_head_and_stays_loss
     import copy
     before, after = quantize_head_(copy.deepcopy(head))
     assert after < 0.3 * before                                          # fp32 → int8 + one scale per row
-    same = total = 0
-    for batch in ([tiny_prompts[1]], tiny_prompts):
-        plain = Engine(tiny_target).generate(batch, 30, eos_token_ids=[]).outputs
-        runs = {}
-        for name, d in (("native", native), ("int8", int8)):
-            recorded = []
-            propose = d.propose
-            d.propose = lambda states, limits, p=propose, r=recorded: r.append(p(states, limits)) or r[-1]
-            runs[name] = (Engine(tiny_target, d, gamma=4).generate(batch, 30, eos_token_ids=[]).outputs, recorded)
-            del d.propose
-        assert runs["int8"][0] == runs["native"][0] == plain
-        for a, b in zip(runs["native"][1][0], runs["int8"][1][0]):   # the first step: same context for both
-            same += sum(x == y for x, y in zip(a.tokens, b.tokens))
-            total += len(a.tokens)
+    same, total = first_step_agreement(tiny_target, tiny_prompts, native, int8)
     assert total and same >= 0.75 * total, (same, total)
 
 
@@ -148,20 +155,7 @@ def test_compiled_drafting_drafts_like_the_eager_head_and_stays_lossless(tiny_ta
     head = tiny_head(tiny_target, draft_vocab=200)
     eager, compiled = drafter_for(head, tiny_target), drafter_for(head, tiny_target, draft_compile=True)
     assert "backbone" not in vars(head) and "backbone" in vars(compiled.head)   # only the copy is compiled
-    same = total = 0
-    for batch in ([tiny_prompts[1]], tiny_prompts):
-        plain = Engine(tiny_target).generate(batch, 30, eos_token_ids=[]).outputs
-        runs = {}
-        for name, d in (("eager", eager), ("compiled", compiled)):
-            recorded = []
-            propose = d.propose
-            d.propose = lambda states, limits, p=propose, r=recorded: r.append(p(states, limits)) or r[-1]
-            runs[name] = (Engine(tiny_target, d, gamma=4).generate(batch, 30, eos_token_ids=[]).outputs, recorded)
-            del d.propose
-        assert runs["compiled"][0] == runs["eager"][0] == plain
-        for a, b in zip(runs["eager"][1][0], runs["compiled"][1][0]):   # the first step: same context for both
-            same += sum(x == y for x, y in zip(a.tokens, b.tokens))
-            total += len(a.tokens)
+    same, total = first_step_agreement(tiny_target, tiny_prompts, eager, compiled)
     assert total and same >= 0.9 * total, (same, total)
 
 
