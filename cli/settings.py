@@ -225,7 +225,7 @@ RULES: dict[str, dict] = {
         "prompts_per_level": Int(1, null=True), "sched.unit": Choice(("column", "position")), "packed": Bool(),
         "draft_weights": Choice(DRAFT_WEIGHTS), "draft_compile": Bool(),
         "sched.profile_context": Int(1), "sched.profile_repeats": Int(1), "sched.reprofile": Bool(),
-        "prompt_lookup.max_ngram": Int(1), "prompt_lookup.min_ngram": Int(1), "near_tie_margin": Num(0),
+        "prompt_lookup.max_ngram": Int(1), "prompt_lookup.min_ngram": Int(1), "prompt_lookup.head_cost": Num(0, null=True), "near_tie_margin": Num(0),
         "load.rates": Each(Pos()), "load.requests": Int(1), "load.max_batch": Int(1), "load.seed": Int(0),
     },
     "export": {

@@ -102,7 +102,7 @@ def trained_heads(cfg) -> dict:
     """Method name → head: `head` (default <output_dir>/head, used when present; else, with
     `released_head=true`, the committed head for this target under heads/) and every folder in
     `extra_heads` (must exist). An explicit `head=` must exist. Named by kind (dspark / dflash), plus
-    the folder name on a clash. Every head must belong to the configured target."""
+    the folder's name on a clash (`_unique_name`). Every head must belong to the configured target."""
     head = cfg.head
     local = Path(str(head)).expanduser()
     out = Path(str(cfg.output_dir)).expanduser()
@@ -118,9 +118,21 @@ def trained_heads(cfg) -> dict:
     for folder in folders:
         head = load_head(folder)
         check_head_target(head, cfg.target, folder)
-        name = head.config.kind
-        heads[name if name not in heads else f"{name}:{Path(folder).name}"] = head
+        heads[_unique_name(head.config.kind, folder, heads)] = head
     return heads
+
+
+def _unique_name(kind: str, folder, taken) -> str:
+    """`kind`, or on a clash `kind:<folder name>` (the parent's name for a folder called `head`, as in
+    runs/<run>/head), numbered when that clashes too: two heads never share a bench row."""
+    if kind not in taken:
+        return kind
+    path = Path(str(folder))
+    base = f"{kind}:{path.parent.name if path.name == 'head' and path.parent.name else path.name}"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
 
 
 class Bench:
@@ -167,7 +179,8 @@ class Bench:
                                   draft_weights=c.get("draft_weights", "native"),
                                   draft_compile=bool(c.get("draft_compile", False)))
             if method.combined == "lookup":
-                drafter = CombinedDrafter(drafter, c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram)
+                drafter = CombinedDrafter(drafter, c.prompt_lookup.max_ngram, c.prompt_lookup.min_ngram,
+                                          head_cost=c.prompt_lookup.get("head_cost"))
             policy = make_policy(method.policy, self.cost, threshold=c.threshold, unit=c.sched.unit, packed=c.packed)
         return Engine(self.target, drafter, policy=policy, gamma=self.gamma(method), temperature=c.temperature,
                       top_p=c.top_p, record_margins=record, packed=c.packed)

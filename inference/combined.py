@@ -5,11 +5,17 @@ small trained head (SmolLM2 HumanEval: prompt lookup τ ≈ 1.46 vs the head's 1
 keeps both and picks, for each request at each step, ONE source for the whole block:
 
 **Source rule.** The lookup proposes when it has a match whose n-gram is at least `min_match` tokens
-long *and* its running expected accepted length for that match length is at least the head's running
-expected accepted length (both Σ_j Π_{i≤j} ĉ_i over the position rates below: over the lookup's
-continuation, and over the request's limit for the head); otherwise the head proposes. Both inputs are
-functions of the request's context and of earlier steps only, never of this step's draft tokens,
-so the choice cannot bias the output (a rule such as "lookup when its first token agrees with the
+long *and* its step yields at least as many tokens per second as the head's would:
+1 + E_lookup ≥ (1 + E_head) / (1 + c). E is a running expected accepted length (Σ_j Π_{i≤j} ĉ_i over
+the position rates below: over the lookup's continuation for its match length, over the request's
+limit for the head), and c is the head's proposal time as a fraction of the rest of a step (the
+lookup's dict probe costs nothing): a head barely more accurate than the lookup is not worth its
+proposal. c is measured as the run goes (running means of the head's proposal time and of the time
+from a proposal to the next `update`: verification and the head's context update), or fixed with
+`head_cost=`. When a request already takes the head in a step, the others' head proposals ride along
+in the same pass, so they are decided again with c = 0. Every input is a function of the request's
+context, of earlier steps and of timings, never of this step's draft tokens, so the choice cannot bias
+the output (a rule such as "lookup when its first token agrees with the
 head's sampled first token" would select on the head's own sample: its reported q would no longer be
 the distribution the block was drawn from, and the confidence of position 1 would depend on the token
 at position 1 — docs/design.md §5). When no request takes the head, its backbone pass is skipped (the
@@ -33,6 +39,8 @@ proposed: `update` and `start` always go to the head.
 """
 from __future__ import annotations
 
+import time
+
 from .drafters import Drafter, PromptLookupDrafter, Proposal
 
 
@@ -49,6 +57,15 @@ class NgramLookup(PromptLookupDrafter):
                     if found:
                         return n, found
         return 0, []
+
+
+class RunningMean:
+    def __init__(self):
+        self.mean, self.n = 0.0, 0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        self.mean += (x - self.mean) / self.n
 
 
 class RunningRates:
@@ -91,11 +108,17 @@ class CombinedDrafter(Drafter):
     charged = True
 
     def __init__(self, head: Drafter, max_ngram: int = 3, min_ngram: int = 1, min_match: int = 1,
-                 prior: float = 0.5, prior_weight: float = 2.0):
+                 prior: float = 0.5, prior_weight: float = 2.0, head_cost: float | None = None):
         if min_match < 1:
             raise ValueError("min_match must be >= 1")
         if not 0 < prior < 1 or prior_weight <= 0:
             raise ValueError("the confidence prior needs 0 < prior < 1 and prior_weight > 0")
+        if head_cost is not None and head_cost < 0:
+            raise ValueError("head_cost must be >= 0 (a fraction of a step) or None (measured)")
+        self.fixed_cost = head_cost
+        self.head_time = RunningMean()    # seconds of a head proposal
+        self.rest_time = RunningMean()    # seconds from a proposal to the next update
+        self._proposed_at: float | None = None
         self.head = head
         self.lookup = NgramLookup(max_ngram, min_ngram)
         self.min_match = min_match
@@ -109,33 +132,52 @@ class CombinedDrafter(Drafter):
     def start(self, states, features):
         self.head.start(states, features)
 
-    def _use_lookup(self, n: int, found: int, limit: int) -> bool:
+    def head_cost(self) -> float:
+        """The head's proposal time as a fraction of the rest of a step (0 until both are measured)."""
+        if self.fixed_cost is not None:
+            return self.fixed_cost
+        if not (self.head_time.n and self.rest_time.n and self.rest_time.mean > 0):
+            return 0.0
+        return self.head_time.mean / self.rest_time.mean
+
+    def _use_lookup(self, n: int, found: int, limit: int, cost: float) -> bool:
         if n < self.min_match:
             return False
-        return self.lookup_rates.expected(n, found) >= self.head_rates.expected("head", limit)
+        return 1 + self.lookup_rates.expected(n, found) >= (1 + self.head_rates.expected("head", limit)) / (1 + cost)
 
     def propose(self, states, limits):
         out = [Proposal(tokens=[]) for _ in states]
+        matches = [self.lookup.match(s, limit) for s, limit in zip(states, limits)]
+        cost = self.head_cost()
+        takes_lookup = [bool(found) and self._use_lookup(n, len(found), limit, cost)
+                        for (n, found), limit in zip(matches, limits)]
+        if cost > 0 and not all(takes_lookup) and any(takes_lookup):   # the head runs anyway: no cost to ride along
+            takes_lookup = [bool(found) and self._use_lookup(n, len(found), limit, 0.0)
+                            for (n, found), limit in zip(matches, limits)]
         head_limits = [0] * len(states)
         for i, (s, limit) in enumerate(zip(states, limits)):
-            n, found = self.lookup.match(s, limit)
-            if found and self._use_lookup(n, len(found), limit):
+            n, found = matches[i]
+            if takes_lookup[i]:
                 out[i] = Proposal(tokens=found, probs=None, confidences=self.lookup_rates.rates(n, len(found)))
                 self.pending[s.rid] = (n, found, len(s.tokens))
                 self.counts["lookup"] += 1
             else:
                 head_limits[i] = limit
         if any(head_limits):
+            t = time.perf_counter()
             props = self.head.propose(states, head_limits)
+            self.head_time.add(time.perf_counter() - t)
             for i, (s, p) in enumerate(zip(states, props)):
                 if head_limits[i] > 0:
                     out[i] = p
                     if p.tokens:
                         self.pending[s.rid] = ("head", list(p.tokens), len(s.tokens))
                         self.counts["head"] += 1
+        self._proposed_at = time.perf_counter()
         return out
 
     def update(self, states, accepted, features):
+        rest_start, self._proposed_at = self._proposed_at, None   # verification and this update: any step's cost
         for s in states:
             got = self.pending.pop(s.rid, None)
             if got is None:
@@ -144,6 +186,8 @@ class CombinedDrafter(Drafter):
             rates = self.head_rates if key == "head" else self.lookup_rates
             rates.observe(key, drafts, s.tokens[before:])
         self.head.update(states, accepted, features)   # the head's context grows on every step
+        if rest_start is not None:
+            self.rest_time.add(time.perf_counter() - rest_start)
 
     def finish(self, state):
         self.pending.pop(state.rid, None)

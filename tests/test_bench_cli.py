@@ -132,3 +132,18 @@ def test_bench_falls_back_to_the_released_head(tmp_path, tiny_target, monkeypatc
     assert list(bench.trained_heads(cfg)) == ["dflash"]
     cfg.released_head = False
     assert bench.trained_heads(cfg) == {}
+
+
+def test_heads_of_one_kind_each_get_their_own_row(tmp_path, tiny_target):
+    """Three heads of one kind, two of them in folders both called `head`: three rows, none overwritten."""
+    from omegaconf import OmegaConf
+
+    import dspark.eval.bench as bench
+    from conftest import tiny_head
+
+    folders = [tmp_path / "a" / "head", tmp_path / "b" / "head", tmp_path / "c" / "b" / "head"]
+    for f in folders:
+        tiny_head(tiny_target, "none").save_pretrained(f)
+    cfg = OmegaConf.create({"head": str(folders[0]), "extra_heads": [str(f) for f in folders[1:]],
+                            "released_head": False, "target": {"name": "tiny"}, "output_dir": str(tmp_path / "out")})
+    assert list(bench.trained_heads(cfg)) == ["dflash", "dflash:b", "dflash:b-2"]

@@ -9,6 +9,7 @@ import torch
 from conftest import compose_cfg, tiny_head
 from dspark.core.methods import Method
 from dspark.inference import CombinedDrafter, DSparkDrafter, Engine
+from dspark.inference.drafters import Drafter, Proposal, RequestState
 from dspark.inference.policy import ConfidenceScheduler, VerifyAll
 from dspark.inference.verify import target_probs
 from test_sampling_distribution import chi2_ok
@@ -64,6 +65,7 @@ def test_greedy_combined_equals_plain_and_uses_both_sources(tiny_target, code_pr
     if batch == 3:   # both sources in one step: per-request mixing is exercised
         assert any(s["lookup"] and s["head"] for s in drafter.steps)
     assert not drafter.pending and not drafter.head.kv and not drafter.lookup._index   # all finished
+    assert drafter.head_time.n > 0 and drafter.rest_time.n > 0 and drafter.head_cost() > 0   # measured as it ran
 
 
 def test_lookup_confidences_follow_the_running_rates(tiny_target):
@@ -145,3 +147,40 @@ def test_bench_runs_the_combined_method(tiny_target, tmp_path):
     assert all(m["identical_to_plain"] for m in d["methods"].values())
     assert d["methods"]["dspark+lookup"]["drafted"] > 0
     assert "| dspark+lookup+sched |" in (out / "bench.md").read_text()
+
+
+class SevenHead(Drafter):
+    """A stand-in head that proposes 7s and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, states, limits):
+        self.calls += 1
+        return [Proposal(tokens=[7] * n, confidences=[0.5] * n) for n in limits]
+
+
+def test_the_source_rule_charges_the_heads_proposal_time():
+    """Lookup E = 0.5 + 0.25 (the prior) and head E = 0.9 + 0.45 expected accepted tokens: the head is
+    more accurate, so it proposes when it is free (head_cost=0: 1.75 < 2.35), but not when its proposal
+    costs half a step (1.75 ≥ 2.35 / 1.5); a request the head already drafts for lets the others ride
+    along (cost 0)."""
+    def state(rid, toks):
+        return RequestState(rid=rid, tokens=toks, n_prompt=len(toks), max_new_tokens=16)
+
+    def rates(d):
+        for _ in range(8):   # the head's position-1 rate → (8 + 1) / (8 + 2) = 0.9; position 2 keeps the prior
+            d.head_rates.observe("head", [1], [1])
+        return d
+
+    repeat = [1, 2, 3, 4, 1, 2]   # "1 2" occurred before: a 2-gram match proposing [3, 4]
+    for cost, source in [(0.0, "head"), (0.5, "lookup")]:
+        d = rates(CombinedDrafter(SevenHead(), head_cost=cost))
+        out = d.propose([state(0, repeat)], [2])
+        assert d.counts == {"lookup": int(source == "lookup"), "head": int(source == "head")}, (cost, d.counts)
+        assert out[0].tokens == ([3, 4] if source == "lookup" else [7, 7])
+    d = rates(CombinedDrafter(SevenHead(), head_cost=0.5))
+    out = d.propose([state(0, repeat), state(1, [5, 6, 8])], [2, 2])   # the second has no match: the head runs
+    assert d.head.calls == 1 and out[0].tokens == [7, 7] and out[1].tokens == [7, 7], out
+    with pytest.raises(ValueError, match="head_cost"):
+        CombinedDrafter(SevenHead(), head_cost=-1)
