@@ -200,7 +200,7 @@ RULES: dict[str, dict] = {
         "resume": Bool(), "init_from": Text(null=True), "stop_after_steps": Int(1, null=True), "bf16_autocast": Bool(), "keep_target_stats": Bool(),
         "loss.ce": Num(0), "loss.l1": Num(0), "loss.conf": Num(0), "loss.decay": Pos(null=True),
         "loss.labels": Choice((None, "data", "target")),
-        "optim.lr": Pos(), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),
+        "optim.lr": Pos(), "optim.warm_start_lr": Pos(null=True), "optim.betas": Each(Num(0, 0.9999), 2), "optim.weight_decay": Num(0),
         "optim.warmup_steps": Int(0), "optim.min_lr_ratio": FRACTION, "optim.grad_clip": Num(0, null=True),
         "draft.architecture": Choice(tuple(HEADS)), "draft.num_layers": Int(1),
         "draft.num_attention_heads": Int(1, null=True), "draft.num_key_value_heads": Int(1, null=True),

@@ -23,6 +23,7 @@ from dspark.hub.io import is_repo_ref, load_head
 from dspark.inference import CombinedDrafter, Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
+from dspark.models.heads import RELEASED
 from dspark.models.target import check_head_target, load_target
 
 from .arrivals import run_arrivals
@@ -94,8 +95,6 @@ def outside_vocabulary(heads: dict, outputs: list[list[int]]) -> dict:
         return {}
     return {name: float((h.t2d.cpu()[ids] == h.config.draft_vocab_size).float().mean()) for name, h in heads.items()}
 
-
-RELEASED = Path(__file__).resolve().parents[1] / "heads"     # committed heads (a source checkout)
 
 
 def trained_heads(cfg) -> dict:

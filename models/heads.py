@@ -15,6 +15,7 @@ from .eagle3 import Eagle3Draft
 # train/objectives.py OBJECTIVES and hub/layouts.py LAYOUTS; docs/adding-a-head.md).
 HEADS: dict[str, type[nn.Module]] = {m.architecture: m for m in (DSparkDraft, Eagle3Draft)}
 HEAD_CLASSES = {m.__name__: m for m in HEADS.values()}   # config.json "architectures" → class
+RELEASED = Path(__file__).resolve().parents[1] / "heads"    # the committed heads, one per target (a source checkout)
 
 
 def build_head(d, target, d2t) -> nn.Module:

@@ -139,3 +139,28 @@ def test_a_warm_start_takes_the_heads_weights_and_vocabulary_and_refuses_another
     with pytest.raises(DSparkError, match="not a draft head folder"):
         Trainer(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path / 'y'}",
                             f"init_from={tmp_path}"))
+
+
+def test_init_from_released_takes_the_committed_head_when_there_is_one_that_fits(data_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """`init_from=released`: heads/<target> with `optim.warm_start_lr`; none committed, or one of another
+    shape: from scratch at `optim.lr`, saying why."""
+    monkeypatch.setattr(trainer_mod, "RELEASED", tmp_path / "heads")
+    base = [*FAST, f"data_dir={data_dir}", "draft.draft_vocab_size=40", "init_from=released", "optim.lr=1e-3",
+            "optim.warm_start_lr=1e-5"]
+
+    def peak_lr(t):
+        return t.opt.param_groups[0]["initial_lr"]
+
+    t = Trainer(compose_cfg("train", *base, f"output_dir={tmp_path / 'a'}"))
+    assert t.init_from is None and peak_lr(t) == 1e-3 and "no released head for target tiny" in capsys.readouterr().out
+    train(compose_cfg("train", *FAST, f"data_dir={data_dir}", f"output_dir={tmp_path / 'src'}", "max_steps=2",
+                      "eval_every=2", "save_every=0", "draft.draft_vocab_size=40"))
+    shutil.copytree(tmp_path / "src" / "head", tmp_path / "heads" / "tiny")
+    t = Trainer(compose_cfg("train", *base, f"output_dir={tmp_path / 'b'}"))
+    released = trainer_mod.read_head(tmp_path / "heads" / "tiny").state_dict()
+    assert t.init_from == "heads/tiny" and peak_lr(t) == 1e-5
+    assert all(torch.equal(t.head.state_dict()[k], v) for k, v in released.items())
+    assert t.fit()["init_from"] == "heads/tiny"
+    t = Trainer(compose_cfg("train", *base, "draft.num_layers=2", f"output_dir={tmp_path / 'c'}"))
+    assert t.init_from is None and peak_lr(t) == 1e-3 and "does not fit draft=" in capsys.readouterr().out

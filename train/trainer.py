@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dspark.core.errors import DSparkError
 from dspark.core.files import write_json_atomic
 from dspark.data.dataset import greedy_regenerated, load_rows, responses_of, split
-from dspark.models.heads import build_head, read_head
+from dspark.models.heads import RELEASED, build_head, read_head
 from dspark.models.target import load_target
 
 from .data import FeatureSource, cache_files, check_store_dir, collate, draft_vocabulary
@@ -69,23 +69,45 @@ def run_settings(cfg) -> dict:
 WARM_START_FREE = frozenset({"confidence_temperatures", "target_name_or_path", "target_revision"})
 
 
-def warm_start(folder, draft_cfg, target):
+def warm_start(folder, draft_cfg, target, fallback: bool = False):
     """A head of `draft_cfg` for `target` holding the weights and draft vocabulary of the trained head in
     `folder` (`init_from=`): a new LR schedule continues it, on the same or other data. Its architecture
-    must be the one `draft_cfg` builds; one clear error names the fields that differ."""
+    must be the one `draft_cfg` builds; one clear error names the fields that differ (or, with
+    `fallback`, None: train from scratch)."""
     old = read_head(folder)
     head = build_head(draft_cfg, target, old.d2t)
+    mine, theirs = vars(head.config), vars(old.config)
+    differ = sorted(k for k in mine if k not in WARM_START_FREE and mine[k] != theirs.get(k))
+    if fallback and (type(head) is not type(old) or differ):
+        return None
     if type(head) is not type(old):
         raise DSparkError(f"init_from={folder} holds a {old.architecture} head but draft.architecture builds "
                           f"{head.architecture}: pass draft.architecture={old.architecture}")
-    mine, theirs = vars(head.config), vars(old.config)
-    differ = sorted(k for k in mine if k not in WARM_START_FREE and mine[k] != theirs.get(k))
     if differ:
         shown = ", ".join(f"{k}: head {theirs.get(k)!r} vs draft {mine[k]!r}" for k in differ)
         raise DSparkError(f"init_from={folder} does not fit this run's draft settings ({shown}): pass the head's "
                           "draft settings (draft=<its size> and overrides) or train from scratch without init_from")
     head.load_state_dict(old.state_dict(), strict=True)   # weights and d2t; the target's shared rows stay attached
     return head
+
+
+def initial_head(cfg, target, train_rows, say=print):
+    """(head, the folder it was warm-started from or None). `init_from=released` takes the committed head
+    for this target (heads/<target>) when there is one and it fits `draft=`, and otherwise trains from
+    scratch, saying why."""
+    if cfg.init_from == "released":
+        folder = RELEASED / target.name
+        if not (folder / "config.json").is_file():
+            say(f"init_from=released: no released head for target {target.name}: training from scratch")
+        else:
+            head = warm_start(folder, cfg.draft, target, fallback=True)
+            if head is not None:
+                return head, f"heads/{target.name}"
+            say(f"init_from=released: heads/{target.name} does not fit draft=: training from scratch")
+    elif cfg.init_from:
+        return warm_start(cfg.init_from, cfg.draft, target), cfg.init_from
+    d2t = draft_vocabulary(train_rows, cfg.draft.draft_vocab_size, target.vocab_size)
+    return build_head(cfg.draft, target, d2t), None
 
 
 class Trainer:
@@ -122,17 +144,16 @@ class Trainer:
         # the walk τ takes the rows' tokens as the target's greedy choices: greedy self-distilled rows only
         self.walk_rows = self.val_rows[:cfg.val_walk_rows] if greedy_regenerated(cfg.val_data_dir or cfg.data_dir) \
             else []
-        if cfg.init_from:
-            self.head = warm_start(cfg.init_from, cfg.draft, self.target).to(self.acc.device)
-        else:
-            d2t = draft_vocabulary(self.train_rows, cfg.draft.draft_vocab_size, self.target.vocab_size)
-            self.head = build_head(cfg.draft, self.target, d2t).to(self.acc.device)
+        head, self.init_from = initial_head(cfg, self.target, self.train_rows,
+                                            say=tqdm.write if self.acc.is_main_process else lambda _: None)
+        self.head = head.to(self.acc.device)
         c = self.head.config
         self.features = FeatureSource(self.target, c.target_layer_ids, cfg.features_dir, cfg.features,
                                       cfg.features_dtype)
         self._maybe_precompute()
         o = cfg.optim
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        lr = o.warm_start_lr if self.init_from and o.get("warm_start_lr") else o.lr
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.total_steps = cfg.max_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
@@ -356,7 +377,7 @@ class Trainer:
             summary = {
                 "objective": c.kind, "draft": self.cfg.draft.name, "target": self.target.name,
                 "trainable_params": self.head.num_trainable(), "draft_vocab_size": c.draft_vocab_size,
-                "gamma": c.gamma, "init_from": self.cfg.init_from, "steps": st["step"], "wall_s": st["seconds"],
+                "gamma": c.gamma, "init_from": self.init_from, "steps": st["step"], "wall_s": st["seconds"],
                 "val_s": st.get("val_seconds", 0.0), "train_positions": st["positions"],
                 "positions_per_s": st["positions"] / max(st["seconds"] - st.get("val_seconds", 0.0), 1e-9),
                 "train_rows": len(self.train_rows), "val_rows": len(self.val_rows), "features": self.features.mode,
