@@ -17,7 +17,8 @@ Settings are compared through a hash of each stage's resolved config, kept in ru
 
 Default size (conf/run.yaml, SmolLM2-135M, 2 CPU threads), from measured stage speeds: generate 350
 prompts × ≤128 tokens ≈ 39k response tokens at ≈185 tok/s (batch 48) ≈ 3.5 min; train: target features
-≈0.7 min then 750 steps in ≈6 min (`max_minutes`); calibrate 48 held-out prompts ≈ 1 min; bench 10
+≈0.7 min then up to 750 steps in ≈6 min (`max_minutes`), refining the committed head when the target has
+one (`init_from=released`); calibrate 48 held-out prompts ≈ 1 min; bench 10
 HumanEval prompts × 128 tokens for plain (≈20 tok/s), oracle, prompt lookup and the head in three
 policies ≈ 5.5 min; export seconds. About 17 minutes in all, plus the one-time GGUF conversion.
 """

@@ -42,6 +42,8 @@ def test_stage_configs_compose_with_shared_overrides(tmp_path):
     assert train.draft.name == "tiny" and train.draft.head_rank == 4 and train.draft.num_layers == 1
     assert train.max_steps == 4 and train.max_minutes == 1.5 and train.logger.name == "none"
     assert train.data_dir == f"{tmp_path}/dataset" and train.target.name == "tiny"
+    assert train.init_from == "released" and train.optim.warm_start_lr == 1e-4 and train.optim.lr == 1e-3
+    assert pipeline.stage_config(run_cfg(tmp_path, "train.init_from=null"), "train").init_from is None
     gen = pipeline.stage_config(cfg, "generate")
     assert gen.max_prompts == 6 and gen.max_new_tokens == 12 and gen.output_dir == str(tmp_path)
     bench = pipeline.stage_config(cfg, "bench")
