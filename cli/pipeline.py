@@ -7,8 +7,8 @@ importable `run(cfg)`. Finished work is
 reused, so a re-run after an interruption resumes instead of restarting:
 
 - generate: resumable by itself (finished chunks are kept; a finished dataset is "nothing to do");
-- train: reused when train.json and the head exist, are newer than the dataset and the run reached
-  max_steps or max_minutes; otherwise resumed from its latest checkpoint (resume=true) when there is
+- train: reused when train.json and the head exist, are newer than the dataset (and than the committed
+  head it refines, with init_from=released) and the run reached max_steps or max_minutes; otherwise resumed from its latest checkpoint (resume=true) when there is
   one written with the same settings;
 - calibrate, bench: reused when their json is newer than every input and the settings are the same;
 - export: always (cheap; replaces the export folder whole).
@@ -199,15 +199,19 @@ def _decide_generate(scfg, out: Path, same: bool, ours: bool) -> str:
 
 
 def _decide_train(scfg, out: Path, same: bool, ours: bool) -> str:
+    from dspark.models.heads import RELEASED
+
     summary = _read_json(out / "train.json")
     head = out / "head" / "model.safetensors"
     data = Path(scfg.data_dir)
+    released = RELEASED / scfg.target.name / "model.safetensors"   # a new release is a new starting point
+    inputs = [data] + ([released] if scfg.get("init_from") == "released" and released.is_file() else [])
     finished = bool(summary) and (summary.get("steps", 0) >= scfg.max_steps or (
         scfg.max_minutes is not None and summary.get("wall_s", 0) >= scfg.max_minutes * 60))
-    if same and finished and head.is_file() and _newer(out / "train.json", [data]):
+    if same and finished and head.is_file() and _newer(out / "train.json", inputs):
         return "reuse"
     ckpts = sorted((out / "checkpoints").glob("step-*"))
-    if ckpts and same and _mtime(ckpts[-1]) >= _mtime(data):
+    if ckpts and same and all(_mtime(ckpts[-1]) >= _mtime(i) for i in inputs):
         return "resume"
     if ckpts and not ours:   # not written by an earlier `dspark run` here: never ours to delete
         raise DSparkError(f"{out / 'checkpoints'} holds checkpoints that no earlier `dspark run` in this folder "

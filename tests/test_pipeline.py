@@ -80,6 +80,27 @@ def test_train_resumes_from_checkpoints_and_reuses_a_finished_run(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_new_release_retrains_a_run_that_refined_the_old_one(tmp_path, monkeypatch):
+    """init_from=released: a finished run is reused until the committed head it refined changes."""
+    import os
+
+    import dspark.models.heads as heads
+
+    cfg = pipeline.stage_config(run_cfg(tmp_path), "train")
+    monkeypatch.setattr(heads, "RELEASED", tmp_path / "heads")
+    released = tmp_path / "heads" / "tiny" / "model.safetensors"
+    released.parent.mkdir(parents=True)
+    released.write_bytes(b"old")
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 4, "wall_s": 1.0}))
+    assert pipeline._decide_train(cfg, tmp_path, same=True, ours=True) == "reuse"
+    later = (tmp_path / "train.json").stat().st_mtime + 10
+    os.utime(released, (later, later))   # a new release
+    assert pipeline._decide_train(cfg, tmp_path, same=True, ours=True) == "run"
+
+
 def test_run_end_to_end_then_rerun_reuses(tmp_path, capsys, one_thread):
     result = pipeline.run(run_cfg(tmp_path))
     record = json.loads((tmp_path / "run.json").read_text())
