@@ -8,8 +8,8 @@ reused, so a re-run after an interruption resumes instead of restarting:
 
 - generate: resumable by itself (finished chunks are kept; a finished dataset is "nothing to do");
 - train: reused when train.json and the head exist, are newer than the dataset (and than the committed
-  head it refines, with init_from=released) and the run reached max_steps or max_minutes; otherwise resumed from its latest checkpoint (resume=true) when there is
-  one written with the same settings;
+  head it refines, with init_from=released) and the run reached max_steps or max_minutes; otherwise
+  resumed from its latest checkpoint (resume=true) when there is one written with the same settings;
 - calibrate, bench: reused when their json is newer than every input and the settings are the same;
 - export: always (cheap; replaces the export folder whole).
 

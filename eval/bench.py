@@ -96,7 +96,6 @@ def outside_vocabulary(heads: dict, outputs: list[list[int]]) -> dict:
     return {name: float((h.t2d.cpu()[ids] == h.config.draft_vocab_size).float().mean()) for name, h in heads.items()}
 
 
-
 def trained_heads(cfg) -> dict:
     """Method name → head: `head` (default <output_dir>/head, used when present; else, with
     `released_head=true`, the committed head for this target under heads/) and every folder in

@@ -15,10 +15,10 @@ from a proposal to the next `update`: verification and the head's context update
 `head_cost=`. When a request already takes the head in a step, the others' head proposals ride along
 in the same pass, so they are decided again with c = 0. Every input is a function of the request's
 context, of earlier steps and of timings, never of this step's draft tokens, so the choice cannot bias
-the output (a rule such as "lookup when its first token agrees with the
-head's sampled first token" would select on the head's own sample: its reported q would no longer be
-the distribution the block was drawn from, and the confidence of position 1 would depend on the token
-at position 1 — docs/design.md §5). When no request takes the head, its backbone pass is skipped (the
+the output (a rule such as "lookup when its first token agrees with the head's sampled first token"
+would select on the head's own sample: its reported q would no longer be the distribution the block
+was drawn from, and the confidence of position 1 would depend on the token at position 1 —
+docs/design.md §5). When no request takes the head, its backbone pass is skipped (the
 lookup costs a dict probe).
 
 **Confidences of lookup blocks.** ĉ_{n,k} = (accepts + prior·w) / (attempts + w): the running rate at
