@@ -199,13 +199,13 @@ def _decide_generate(scfg, out: Path, same: bool, ours: bool) -> str:
 
 
 def _decide_train(scfg, out: Path, same: bool, ours: bool) -> str:
-    from dspark.models.heads import RELEASED
+    from dspark.models.heads import released_head
 
     summary = _read_json(out / "train.json")
     head = out / "head" / "model.safetensors"
     data = Path(scfg.data_dir)
-    released = RELEASED / scfg.target.name / "model.safetensors"   # a new release is a new starting point
-    inputs = [data] + ([released] if scfg.get("init_from") == "released" and released.is_file() else [])
+    released = released_head(scfg.target.name) if scfg.get("init_from") == "released" else None
+    inputs = [data] + ([released / "model.safetensors"] if released else [])   # a new release: a new start
     finished = bool(summary) and (summary.get("steps", 0) >= scfg.max_steps or (
         scfg.max_minutes is not None and summary.get("wall_s", 0) >= scfg.max_minutes * 60))
     if same and finished and head.is_file() and _newer(out / "train.json", inputs):

@@ -23,7 +23,7 @@ from dspark.hub.io import is_repo_ref, load_head
 from dspark.inference import CombinedDrafter, Engine, OracleDrafter, PromptLookupDrafter, Stats, drafter_for
 from dspark.inference.policy import make_policy
 from dspark.inference.profile import step_cost_profile
-from dspark.models.heads import RELEASED
+from dspark.models.heads import released_head
 from dspark.models.target import check_head_target, load_target
 
 from .arrivals import run_arrivals
@@ -106,8 +106,8 @@ def trained_heads(cfg) -> dict:
     out = Path(str(cfg.output_dir)).expanduser()
     default = local.name == "head" and (local.parent == out or local.parent in out.parents)   # multirun: the sweep root's
     if head and default and not local.is_dir():   # no trained head in output_dir yet
-        released = RELEASED / cfg.target.name
-        head = str(released) if cfg.get("released_head") and (released / "config.json").is_file() else None
+        released = released_head(cfg.target.name) if cfg.get("released_head") else None
+        head = str(released) if released else None
     elif head and not local.is_dir() and (local.parent.is_dir() or not is_repo_ref(head)):
         raise DSparkError(f"head={head} does not exist: pass a trained head folder or Hub repo id, "
                           "or drop head= to use <output_dir>/head")

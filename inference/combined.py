@@ -42,6 +42,7 @@ from __future__ import annotations
 import time
 
 from .drafters import Drafter, PromptLookupDrafter, Proposal
+from .policy import RunningMean
 
 
 class NgramLookup(PromptLookupDrafter):
@@ -57,15 +58,6 @@ class NgramLookup(PromptLookupDrafter):
                     if found:
                         return n, found
         return 0, []
-
-
-class RunningMean:
-    def __init__(self):
-        self.mean, self.n = 0.0, 0
-
-    def add(self, x: float) -> None:
-        self.n += 1
-        self.mean += (x - self.mean) / self.n
 
 
 class RunningRates:

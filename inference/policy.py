@@ -93,6 +93,17 @@ class StaticThreshold(Policy):
         return [sum(1 for a in survival(p, lim) if a >= self.threshold) for p, lim in zip(proposals, limits)]
 
 
+class RunningMean:
+    """The mean of the values added so far (0 before any)."""
+
+    def __init__(self):
+        self.mean, self.n = 0.0, 0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        self.mean += (x - self.mean) / self.n
+
+
 class ConfidenceScheduler(Policy):
     """Hardware-aware prefix scheduler. `step_cost(R, T)` → seconds of one verification step with R
     rows of width T (anchor + drafts); the drafter's per-step time is added from the runtime's
@@ -107,7 +118,7 @@ class ConfidenceScheduler(Policy):
             raise ValueError(f"unknown admission unit '{unit}': column | position")
         self.step_cost, self.unit, self.packed = step_cost, unit, packed
         self.fixed_draft = draft_cost
-        self.draft_mean: dict[int, tuple[float, int]] = {}   # rows → (mean seconds, observations)
+        self.draft_mean: dict[int, RunningMean] = {}   # rows → mean seconds of a proposal
         self.max_skip, self.misses, self.skip = max_skip, 0, 0
 
     def wants_draft(self, states) -> bool:
@@ -127,8 +138,7 @@ class ConfidenceScheduler(Policy):
             self.misses = 0
 
     def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
-        mean, n = self.draft_mean.get(rows, (0.0, 0))
-        self.draft_mean[rows] = (mean + (seconds - mean) / (n + 1), n + 1)
+        self.draft_mean.setdefault(rows, RunningMean()).add(seconds)
 
     def draft_cost(self, r: int) -> float:
         """Expected seconds of one proposal for r requests."""
@@ -136,7 +146,7 @@ class ConfidenceScheduler(Policy):
             return self.fixed_draft
         if not self.draft_mean:
             return 0.0
-        return self.draft_mean[min(self.draft_mean, key=lambda seen: (abs(seen - r), -seen))][0]
+        return self.draft_mean[min(self.draft_mean, key=lambda seen: (abs(seen - r), -seen))].mean
 
     def _theta(self, tau: float, r: int, width: int, tokens: int) -> float:
         """Expected tokens per second of a step: `tokens` verified in r rows, the widest `width`."""

@@ -18,6 +18,12 @@ HEAD_CLASSES = {m.__name__: m for m in HEADS.values()}   # config.json "architec
 RELEASED = Path(__file__).resolve().parents[1] / "heads"    # the committed heads, one per target (a source checkout)
 
 
+def released_head(target_name: str) -> Path | None:
+    """The committed head folder of a target (heads/<target>), or None when it has none."""
+    folder = RELEASED / target_name
+    return folder if (folder / "config.json").is_file() else None
+
+
 def build_head(d, target, d2t) -> nn.Module:
     """A fresh head from a `conf/draft` node: `architecture` (default dspark) picks the kind."""
     arch = d.get("architecture") or "dspark"

@@ -121,12 +121,13 @@ def test_bench_falls_back_to_the_released_head(tmp_path, tiny_target, monkeypatc
     from omegaconf import OmegaConf
 
     import dspark.eval.bench as bench
+    import dspark.models.heads as heads
     from conftest import tiny_head
 
     cfg = OmegaConf.create({"head": str(tmp_path / "out" / "head"), "extra_heads": [], "released_head": True,
                             "target": {"name": "tiny"}, "output_dir": str(tmp_path / "out")})
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(bench, "RELEASED", tmp_path / "heads")
+    monkeypatch.setattr(heads, "RELEASED", tmp_path / "heads")
     assert bench.trained_heads(cfg) == {}
     tiny_head(tiny_target, "none").save_pretrained(tmp_path / "heads" / "tiny")
     assert list(bench.trained_heads(cfg)) == ["dflash"]

@@ -91,6 +91,7 @@ def test_a_new_release_retrains_a_run_that_refined_the_old_one(tmp_path, monkeyp
     released = tmp_path / "heads" / "tiny" / "model.safetensors"
     released.parent.mkdir(parents=True)
     released.write_bytes(b"old")
+    (released.parent / "config.json").write_text("{}")
     (tmp_path / "dataset").mkdir()
     (tmp_path / "head").mkdir()
     (tmp_path / "head" / "model.safetensors").write_bytes(b"x")

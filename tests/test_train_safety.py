@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-import dspark.train.init as init_mod
+import dspark.models.heads as heads
 import dspark.train.trainer as trainer_mod
 from conftest import compose_cfg
 from dspark.data.dataset import load_rows
@@ -146,7 +146,7 @@ def test_init_from_released_takes_the_committed_head_when_there_is_one_that_fits
                                                                                capsys):
     """`init_from=released`: heads/<target> with `optim.warm_start_lr`; none committed, or one of another
     shape: from scratch at `optim.lr`, saying why."""
-    monkeypatch.setattr(init_mod, "RELEASED", tmp_path / "heads")
+    monkeypatch.setattr(heads, "RELEASED", tmp_path / "heads")
     base = [*FAST, f"data_dir={data_dir}", "draft.draft_vocab_size=40", "init_from=released", "optim.lr=1e-3",
             "optim.warm_start_lr=1e-5"]
 
@@ -159,7 +159,7 @@ def test_init_from_released_takes_the_committed_head_when_there_is_one_that_fits
                       "eval_every=2", "save_every=0", "draft.draft_vocab_size=40"))
     shutil.copytree(tmp_path / "src" / "head", tmp_path / "heads" / "tiny")
     t = Trainer(compose_cfg("train", *base, f"output_dir={tmp_path / 'b'}"))
-    released = init_mod.read_head(tmp_path / "heads" / "tiny").state_dict()
+    released = heads.read_head(tmp_path / "heads" / "tiny").state_dict()
     assert t.init_from == "heads/tiny" and peak_lr(t) == 1e-5
     assert all(torch.equal(t.head.state_dict()[k], v) for k, v in released.items())
     assert t.fit()["init_from"] == "heads/tiny"
