@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dspark.core.errors import DSparkError
 from dspark.core.methods import DRAFTER_FREE, split_policy
 from dspark.inference.drafters import DRAFT_WEIGHTS
+from dspark.models.cpu_gemm import MODES as CPU_GEMM_MODES
 from dspark.models.heads import HEADS
 from dspark.models.target import DTYPES as TARGET_DTYPES
 
@@ -170,7 +171,7 @@ TEMPERATURE = Num(0)                 # 0 = greedy
 TOP_P = Num(0, 1, open_lo=True)      # (0, 1]
 DTYPES = Choice(tuple(TARGET_DTYPES))
 TARGET = {"target.dtype": DTYPES, "target.attn_implementation": Choice(("eager", "sdpa")),
-          "target.grouped_attention": Bool()}
+          "target.grouped_attention": Bool(), "target.cpu_gemm": Choice(CPU_GEMM_MODES)}
 COMMON = {"seed": Int(0), **TARGET}
 
 RULES: dict[str, dict] = {

@@ -69,7 +69,8 @@ def run(cfg) -> dict:
         "temperature": cfg.temperature, "top_p": cfg.top_p, "gamma": cfg.gamma,
         "near_tie_margin": cfg.near_tie_margin, "seed": cfg.seed,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu threads={torch.get_num_threads()}"
-                   + (f" {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+                   + (f" {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+                   + (" bf16-linears=cpu_gemm" if target.cpu_gemm else ""),
         "policies": list(cfg.policies), "step_cost": bench.cost.to_json() if bench.cost else None,
         "methods": methods, "outside_draft_vocab": outside_vocabulary(heads, reference[1]),
     }

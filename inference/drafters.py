@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dspark.models import cpu_gemm
+
 from .compiled_head import compile_head_
 from .int8_weights import quantize_head_
 
@@ -92,6 +94,9 @@ class HeadDrafter(Drafter):
         if draft_compile:
             compile_head_(head)
         self.head = head.to(target.device, target.dtype).attach(target).eval()
+        if getattr(target, "cpu_gemm", False):   # the target's bf16 kernel serves its head too (models/cpu_gemm.py)
+            cpu_gemm.install_(self.head)
+            self.head.logits_linear = cpu_gemm.linear
         self.name = head.config.kind
         self.feature_layers = tuple(head.config.target_layer_ids)
         self.temperature = float(temperature)

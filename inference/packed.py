@@ -19,6 +19,7 @@ import torch
 from transformers import AttentionInterface
 
 from dspark.models.attention import grouped_attention
+from dspark.models.cpu_gemm import runs_kernel
 
 ATTENTION = "dspark_packed"
 PACK_BELOW = 0.75   # pack when B ≤ this × R × width: packed/padded 0.55–0.95 there, 1.04 nearly full (SmolLM2)
@@ -81,7 +82,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     q = query.new_zeros((p.rows * p.width, h, hd))
     q[p.index] = query[0].transpose(0, 1)
     q = q.view(p.rows, p.width, h, hd).transpose(1, 2)                         # (R, H, W, hd)
-    out = grouped_attention(q, key, value, attention_mask, scaling).transpose(1, 2)
+    out = grouped_attention(q, key, value, attention_mask, scaling, fp32=runs_kernel(module)).transpose(1, 2)
     out = out.reshape(p.rows * p.width, h, hd)
     return out[p.index][None], None
 

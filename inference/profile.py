@@ -141,7 +141,8 @@ def step_cost_profile(target, max_rows: int, max_width: int, cache_dir: str | Pa
     """The cached profile for this machine/target/dtype/runtime, measuring (and caching) it when missing,
     when it does not cover the requested shapes, or when `reprofile` is set."""
     key = {"machine": machine_id(), "target": f"{target.name} ({getattr(target, 'source', '')})",
-           "dtype": str(target.dtype).replace("torch.", ""), "runtime": runtime_version(), "context": context}
+           "dtype": str(target.dtype).replace("torch.", ""), "runtime": runtime_version(), "context": context,
+           "cpu_gemm": bool(getattr(target, "cpu_gemm", False))}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(os.path.expanduser(str(cache_dir))) / f"step-cost-{digest}.json"
     levels = profile_levels(max_rows)

@@ -19,6 +19,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .cpu_gemm import matmul, runs_kernel
+
 GROUPED = "dspark_grouped"
 
 
@@ -56,20 +58,21 @@ def groupable(model) -> bool:
 
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      scaling: float) -> torch.Tensor:
+                      scaling: float, fp32: bool = False) -> torch.Tensor:
     """query (R, H, T, hd); key/value (R, KV, S, hd) with H a multiple of KV (query head h reads key/value
-    head h // (H/KV), as `repeat_kv`); mask additive, broadcastable to (R, H, T, S) → (R, H, T, hd)."""
+    head h // (H/KV), as `repeat_kv`); mask additive, broadcastable to (R, H, T, S) → (R, H, T, hd).
+    `fp32`: the two matmuls on fp32 copies (models/cpu_gemm.matmul), for layers that run the bf16 kernel."""
     r, h, t, _ = query.shape
     kv, hd = key.shape[1], value.shape[-1]
     # the cache hands out views of a buffer with spare capacity; a plain copy first is ~5× cheaper than
-    # letting the matmul copy its transposed, strided operand
-    key, value = key.contiguous(), value.contiguous()
+    # letting the matmul copy its transposed, strided operand (with fp32, the conversion is that copy)
+    key, value = (key.float(), value.float()) if fp32 else (key.contiguous(), value.contiguous())
     q = query.reshape(r, kv, (h // kv) * t, query.shape[-1])          # heads of one kv head as more rows
-    w = (torch.matmul(q, key.transpose(2, 3)) * scaling).view(r, h, t, -1)
+    w = (matmul(q, key.transpose(2, 3), fp32) * scaling).view(r, h, t, -1)
     if mask is not None:
         w = w + mask
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(w.view(r, kv, (h // kv) * t, -1), value).view(r, h, t, hd)
+    return matmul(w.view(r, kv, (h // kv) * t, -1), value, fp32).view(r, h, t, hd)
 
 
 def _grouped_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -77,7 +80,8 @@ def _grouped_eager(module, query, key, value, attention_mask, scaling, dropout=0
     if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
         raise ValueError("grouped attention computes full causal attention only: this layer needs more "
                          "(sliding window, softcapping or sinks)")
-    return grouped_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+    out = grouped_attention(query, key, value, attention_mask, scaling, fp32=runs_kernel(module))
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(GROUPED, _grouped_eager)

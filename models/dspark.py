@@ -292,7 +292,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
 
     # ------------------------------------------------------------------ heads
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lm_weight.to(h.dtype))                    # (…, Vd)
+        return self.logits_linear(h, self.lm_weight.to(h.dtype))                    # (…, Vd)
 
     def prev_embedding(self, prev_draft_ids: torch.Tensor) -> torch.Tensor | None:
         return self.token_embed(prev_draft_ids) if self.config.sequential_head != "none" else None

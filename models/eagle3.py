@@ -178,7 +178,7 @@ class Eagle3Draft(DraftHeadBase, nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Pre-norm states (…, D) → draft-vocabulary logits (…, Vd)."""
         h = self.norm(h)
-        return h @ self.lm_weight.t().to(h.dtype)
+        return self.logits_linear(h, self.lm_weight.to(h.dtype))
 
     # ------------------------------------------------------------------ training: training-time test
     def forward(self, feats, input_ids, anchors, ctx_valid, block_ids):

@@ -8,6 +8,7 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dspark.core.errors import DSparkError
@@ -87,6 +88,7 @@ class DraftHeadBase:
         self.register_buffer("t2d", t2d, persistent=False)
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)   # (V, D) target's
         self.register_buffer("lm_weight", torch.empty(0), persistent=False)      # (Vd, D) target's rows
+        self.logits_linear = F.linear   # the runtime's drafters may swap in models/cpu_gemm.linear
 
     def attach(self, target):
         """Share the target's frozen embedding and LM head (rows of the draft vocabulary)."""

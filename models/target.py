@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dspark.core.errors import DSparkError
 
+from . import cpu_gemm
 from .attention import GROUPED, groupable
 
 CHATML_TEMPLATE = (
@@ -58,6 +60,7 @@ class Target:
     dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
     use_grouped_attention: bool = False   # the runtime's forwards run eager attention grouped (models/attention.py)
+    cpu_gemm: bool = False                # its linear layers run through models/cpu_gemm.py (bf16 on AVX2 CPUs)
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +97,7 @@ class Target:
         w = self.model.get_output_embeddings().weight.detach()
         if vocab is not None:
             w = w[vocab.to(w.device)]
-        return hidden.to(w.device, w.dtype) @ w.t()
+        return (cpu_gemm.linear if self.cpu_gemm else F.linear)(hidden.to(w.device, w.dtype), w)
 
     def cached_forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache,
                        hidden: bool = False, logits_to_keep: int = 0, attention: str | None = None, **kwargs):
@@ -198,11 +201,14 @@ def load_target(cfg, device: torch.device | None = None) -> Target:
             f"target '{cfg.get('name')}' names no source: set target.name_or_path=<hub id or folder> "
             "or pick target=smollm2-135m|tiny")
     model.to(device).eval().requires_grad_(False)
+    kernel = cpu_gemm.wanted(str(cfg.get("cpu_gemm", "auto")), torch.device(device), dtype)
+    if kernel:
+        cpu_gemm.install_(model)
     eos = _eos_ids(model, tok)
     grouped = bool(cfg.get("grouped_attention", True)) and model.config._attn_implementation == "eager" \
         and groupable(model)
     return Target(model=model, tokenizer=tok, name=name, source=source, dtype=dtype, eos_token_ids=eos,
-                  use_grouped_attention=grouped)
+                  use_grouped_attention=grouped, cpu_gemm=kernel)
 
 
 def load_tokenizer_target(cfg) -> Target:

@@ -1,0 +1,79 @@
+/* bf16 linear layers for x86-64 CPUs with AVX2 + FMA but no native bf16 matrix multiply (see cpu_gemm.py).
+ *
+ * y (m, n) = x (m, k) · w (n, k)ᵀ, all bf16 in memory; products and sums in fp32; y rounded to the
+ * nearest bf16 (ties to even), as torch rounds. Each weight row is read from memory once per call
+ * and multiplied into up to 8 rows of x at a time, so m = 8 costs little more than m = 1.
+ * Output columns are split over `threads` OpenMP threads (the runtime torch itself uses).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load8(const uint16_t *p) {   /* 8 bf16 → 8 fp32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline uint16_t to_bf16(float f) {          /* round to nearest, ties to even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* R rows of x (fp32, row stride k) times one weight row, with U independent sums per row (R · U ≤ 8:
+ * enough chains in flight to hide the FMA latency when R is small); k % 8 trailing elements in scalar code. */
+static inline __attribute__((always_inline)) void rows(const int R, const int U, const float *x, const uint16_t *wr,
+                                                       int64_t k, uint16_t *y, int64_t n) {
+    __m256 acc[8];
+    for (int a = 0; a < 8; ++a) acc[a] = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 * U <= k; t += 8 * U)
+        for (int u = 0; u < U; ++u) {
+            __m256 wv = load8(wr + t + 8 * u);
+            for (int i = 0; i < R; ++i)
+                acc[i * U + u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + t + 8 * u), wv, acc[i * U + u]);
+        }
+    for (; t + 8 <= k; t += 8) {
+        __m256 wv = load8(wr + t);
+        for (int i = 0; i < R; ++i) acc[i * U] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + t), wv, acc[i * U]);
+    }
+    for (int i = 0; i < R; ++i) {
+        __m256 a = acc[i * U];
+        for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[i * U + u]);
+        float s = hsum(a);
+        for (int64_t v = t; v < k; ++v) s += x[i * k + v] * from_bf16(wr[v]);
+        y[i * n] = to_bf16(s);
+    }
+}
+
+void dspark_bf16_linear(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k,
+                        int threads) {
+    float *xf = malloc(sizeof(float) * m * k);
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = from_bf16(x[i]);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+        const uint16_t *wr = w + j * k;
+        int64_t i = 0;
+        for (; i + 8 <= m; i += 8) rows(8, 1, xf + i * k, wr, k, y + i * n + j, n);
+        if (m - i >= 4) { rows(4, 2, xf + i * k, wr, k, y + i * n + j, n); i += 4; }
+        if (m - i >= 2) { rows(2, 4, xf + i * k, wr, k, y + i * n + j, n); i += 2; }
+        if (m - i >= 1) rows(1, 4, xf + i * k, wr, k, y + i * n + j, n);
+    }
+    free(xf);
+}
