@@ -5,7 +5,8 @@ Packed vs padded verification: for R rows over a `--context`-token cache, one ro
 ("mixed"). Then grouped vs Hugging Face eager attention in a decode step (one token per row), at
 `--decode-rows` rows over `--decode-contexts` cached tokens. With `--head`, a trained head's proposal at
 R = 1 with its native and its int8 weights (`draft_weights`; `--compile`: each also through torch.compile,
-`draft_compile`), each right after a target decode step.
+`draft_compile`), each right after a target decode step. With `--cpu-gemm`, the target's forward over
+1 … `--width` new tokens with torch's bf16 linear layers vs `models/cpu_gemm.c` (`target.cpu_gemm`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def main(argv=None) -> None:
 
     from omegaconf import OmegaConf
 
-    from dspark.eval.packed_cost import attention_times, proposal_times, step_times
+    from dspark.eval.packed_cost import attention_times, gemm_times, proposal_times, step_times
     from dspark.hub.io import load_head
     from dspark.models.target import load_target
 
@@ -36,8 +37,23 @@ def main(argv=None) -> None:
     ap.add_argument("--head", help="a trained head folder: time its proposals (native vs int8 weights) only")
     ap.add_argument("--compile", action="store_true", help="with --head: also time each through torch.compile")
     ap.add_argument("--warm", action="store_true", help="with --head: no target step between proposals (warm caches)")
+    ap.add_argument("--cpu-gemm", action="store_true",
+                    help="only: the target's forward with torch's bf16 linear layers vs models/cpu_gemm.c")
     a = ap.parse_args(argv)
-    target = load_target(OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text()))
+    cfg = OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text())
+    if a.cpu_gemm:
+        widths = sorted({1, 2, 4, a.width})
+        t = gemm_times(cfg, widths, a.context, a.repeats)
+        print(f"{cfg.name} ({cfg.dtype}), R = 1, context {a.context}, {torch.get_num_threads()} threads, "
+              f"median of {a.repeats}, interleaved")
+        print("| new tokens | torch ms | cpu_gemm ms | cpu_gemm / torch | torch / its 1 token | cpu_gemm / its 1 token |")
+        print("|---|---|---|---|---|---|")
+        for i, w in enumerate(widths):
+            tt, tk = t["torch"][i], t["avx2"][i]
+            print(f"| {w} | {1e3 * tt:.1f} | {1e3 * tk:.1f} | {tk / tt:.2f} | {tt / t['torch'][0]:.2f} | "
+                  f"{tk / t['avx2'][0]:.2f} |")
+        return
+    target = load_target(cfg)
     if a.head:
         head = load_head(a.head)
         print(f"{target.name} ({str(target.dtype).replace('torch.', '')}), {a.head} ({head.config.kind}), context "

@@ -129,3 +129,29 @@ def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3
             run(name)
             after(name)
     return _timed(run, after, list(drafters), repeats, dev)
+
+
+def gemm_times(cfg, widths: list[int], context: int, repeats: int) -> dict[str, list[float]]:
+    """Median seconds of an R = 1 verification forward over each of `widths` new tokens, for the target of
+    `cfg` with torch's bf16 linear layers and with models/cpu_gemm's (two copies, forwards interleaved)."""
+    from omegaconf import OmegaConf
+
+    from dspark.models.target import load_target
+
+    targets = {mode: load_target(OmegaConf.merge(cfg, {"cpu_gemm": mode})) for mode in ("torch", "avx2")}
+    caches = {mode: _filled_cache(t, 1, context) for mode, t in targets.items()}
+    out = {mode: [] for mode in targets}
+    for w in widths:
+        one = torch.ones(1, w, dtype=torch.bool)
+        ids, pos = torch.zeros(1, w, dtype=torch.long), torch.arange(context, context + w)[None]
+
+        def run(mode):
+            targets[mode].cached_forward(ids, caches[mode].attention_mask(one), pos, caches[mode])
+
+        def after(mode):
+            caches[mode].truncate(w)
+
+        t = _timed(run, after, list(targets), repeats, torch.device("cpu"))
+        for mode in targets:
+            out[mode].append(t[mode])
+    return out
