@@ -9,6 +9,7 @@ baseline); tests/test_target_ops.py keeps every other module off `target.model(�
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -87,9 +88,25 @@ class Target:
         """One uncached forward over `ids` (B, L): the hidden states at `layers` concatenated (B, L, k·H)
         and the final, normed hidden state (B, L, H). No attention mask: rows are right-padded, and
         under a causal mask padding never reaches a real token (passing one sends transformers down a
-        ~10× slower masked path on CPU)."""
-        hs = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+        ~10× slower masked path on CPU). With the bf16 kernel (models/cpu_gemm.py) attention runs grouped,
+        in fp32: transformers' eager bf16 `bmm` is quadratic and single-threaded on such CPUs."""
+        with self._attention(GROUPED if self.cpu_gemm else None):
+            hs = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
         return layer_features(hs, layers), hs[-1]
+
+    @contextlib.contextmanager
+    def _attention(self, name: str | None):
+        """Run the model's attention layers as the registered function `name` (eager attention as
+        `grouped_attention` only where the target allows it; None: as loaded) for the forwards inside."""
+        config = self.model.config
+        before = config._attn_implementation
+        if name == GROUPED and not (self.use_grouped_attention and before == "eager"):
+            name = None
+        config._attn_implementation = name or before   # read by every attention layer at call time
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     def logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen LM head on final, normed hidden states: (…, H) → (…, V), or (…, len(vocab)) for the
@@ -108,16 +125,9 @@ class Target:
         function. `attention` names the attention function for this forward (a registered one:
         inference/packed.py); by default eager attention runs as `grouped_attention` (models/attention.py:
         the same arithmetic without copying the cache per query head) where the target allows it."""
-        config = self.model.config
-        before = config._attn_implementation
-        if attention is None and self.use_grouped_attention and before == "eager":
-            attention = GROUPED
-        config._attn_implementation = attention or before   # read by every attention layer at call time
-        try:
+        with self._attention(attention or GROUPED):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                               output_hidden_states=hidden, logits_to_keep=logits_to_keep, **kwargs)
-        finally:
-            config._attn_implementation = before
 
     def hf_generate(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Hugging Face `generate` on the target (the outside baseline and the oracle's greedy streams)."""

@@ -71,6 +71,17 @@ def test_a_bf16_target_runs_every_linear_through_the_kernel_with_the_same_logits
 
 
 @needs_kernel
+def test_training_features_of_a_kernel_target_match_transformers_eager_ones():
+    plain, fast = _tiny("torch"), _tiny("avx2")
+    ids = torch.randint(0, plain.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    (fa, ha), (fb, hb) = plain.features(ids, [1, 3]), fast.features(ids, [1, 3])
+    assert fa.shape == fb.shape and ha.shape == hb.shape
+    for a, b in ((fa, fb), (ha, hb)):   # causal attention kept: equal within bf16 rounding
+        assert (a.float() - b.float()).abs().max() < 0.05 * a.float().abs().max()
+    assert plain.model.config._attn_implementation == fast.model.config._attn_implementation == "eager"
+
+
+@needs_kernel
 def test_a_drafter_on_a_kernel_target_drafts_through_the_kernel():
     from dspark.inference.drafters import RequestState
     from dspark.inference.head_drafters import drafter_for
