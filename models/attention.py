@@ -7,8 +7,9 @@ copy was 78 % of a decode step on this CPU. `grouped_attention` computes the sam
 with the query heads of one key/value head stacked as extra query rows of one matmul instead: the
 same scaling, additive mask, float32 softmax and cast as eager attention, no copy per head.
 
-The runtime's forwards use it (`Target.cached_forward`, packed verification); training features and
-Hugging Face's own `generate` keep transformers' eager attention. Only targets qualify whose eager
+The runtime's forwards use it (`Target.cached_forward`, packed verification), and training features on a
+target that runs the bf16 kernel (models/cpu_gemm.py); other training features and Hugging Face's own
+`generate` keep transformers' eager attention. Only targets qualify whose eager
 attention is Llama's (most decoder LMs share it) over plain full causal attention (`groupable`).
 """
 from __future__ import annotations
