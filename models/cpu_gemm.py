@@ -99,11 +99,15 @@ def _library():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            why = done.stderr.strip()[-400:] if done.returncode else None
+        except OSError as e:          # CC names no program
+            why = str(e)
+        if why is not None:
             os.unlink(tmp)
-            raise DSparkError(f"compiling the bf16 CPU kernel failed ({' '.join(cmd)}): "
-                              f"{done.stderr.strip()[-400:]}; use target.cpu_gemm=torch")
+            raise DSparkError(f"compiling the bf16 CPU kernel failed ({' '.join(cmd)}): {why}; "
+                              "use target.cpu_gemm=torch")
         os.replace(tmp, so)
     lib = ctypes.CDLL(str(so))
     lib.dspark_bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]

@@ -122,10 +122,11 @@ def test_when_the_kernel_runs(monkeypatch):
 def test_a_compiler_that_fails_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_gemm, "_lib", None)
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")                   # a "compiler" that always fails
-    with pytest.raises(DSparkError, match="target.cpu_gemm=torch"):
-        cpu_gemm.install_(nn.Linear(8, 8).bfloat16())
-    assert list((tmp_path / "kernels").iterdir()) == []  # nothing half-written
+    for cc in ("false", str(tmp_path / "no-such-compiler")):   # one that fails, one that is not there
+        monkeypatch.setenv("CC", cc)
+        with pytest.raises(DSparkError, match="target.cpu_gemm=torch"):
+            cpu_gemm.install_(nn.Linear(8, 8).bfloat16())
+        assert list((tmp_path / "kernels").iterdir()) == []  # nothing half-written
 
 
 @needs_kernel
