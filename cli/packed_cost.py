@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 
 import torch
 
@@ -89,4 +90,10 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dspark.core.errors import DSparkError
+
+    try:
+        main()
+    except DSparkError as e:   # bad input: one line, exit 2 (a head folder that is not one, no kernel here)
+        print(f"dspark packed_cost: error: {e}", file=sys.stderr)
+        sys.exit(2)
