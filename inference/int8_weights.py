@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dspark.core.errors import DSparkError
+from dspark.models.cpu_gemm import swap_linears_
 
 
 class Int8Linear(nn.Module):
@@ -40,14 +41,7 @@ def quantize_head_(head: nn.Module) -> tuple[int, int]:
     if not hasattr(torch, "_weight_int8pack_mm"):   # a private op (torch 2.3+): say so instead of failing mid-run
         raise DSparkError(f"draft_weights=int8 needs torch._weight_int8pack_mm, which torch {torch.__version__} "
                          "lacks: use draft_weights=native or the pinned torch")
-    vocab = head.config.draft_vocab_size
-    dtype = next(head.parameters()).dtype
-    before = after = 0
-    for name, m in list(head.named_modules()):
-        if isinstance(m, nn.Linear) and m.out_features < vocab:
-            q = Int8Linear(m, dtype)
-            parent, _, attr = name.rpartition(".")
-            setattr(head.get_submodule(parent), attr, q)
-            before += m.weight.numel() * m.weight.element_size()
-            after += q.q.numel() + q.scale.numel() * q.scale.element_size()
-    return before, after
+    vocab, dtype = head.config.draft_vocab_size, next(head.parameters()).dtype
+    pairs = swap_linears_(head, lambda m: Int8Linear(m, dtype), lambda m: m.out_features < vocab)
+    return (sum(m.weight.numel() * m.weight.element_size() for m, _ in pairs),
+            sum(q.q.numel() + q.scale.numel() * q.scale.element_size() for _, q in pairs))

@@ -73,15 +73,18 @@ def wanted(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a model of `dtype` on `device` should run its linear layers through the kernel."""
     if mode not in MODES:
         raise DSparkError(f"target.cpu_gemm '{mode}' is unknown: choose from {MODES}")
-    if mode == "torch" or device.type != "cpu" or dtype != torch.bfloat16:
-        if mode == "avx2" and (device.type != "cpu" or dtype != torch.bfloat16):
-            raise DSparkError(f"target.cpu_gemm=avx2 is for bf16 targets on the CPU (this one: {dtype} on "
-                              f"{device.type}): use target.cpu_gemm=auto")
+    if mode == "torch":
         return False
+    fits = device.type == "cpu" and dtype == torch.bfloat16
+    if mode == "auto":
+        return fits and unavailable_reason() is None and not torch_bf16_is_fast()
+    if not fits:
+        raise DSparkError(f"target.cpu_gemm=avx2 is for bf16 targets on the CPU (this one: {dtype} on "
+                          f"{device.type}): use target.cpu_gemm=auto")
     reason = unavailable_reason()
-    if mode == "avx2" and reason:
+    if reason:
         raise DSparkError(f"target.cpu_gemm=avx2 cannot run here: {reason}; use target.cpu_gemm=auto")
-    return reason is None and (mode == "avx2" or not torch_bf16_is_fast())
+    return True
 
 
 def _library():
@@ -159,14 +162,21 @@ class KernelLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[nn.Linear, nn.Module]]:
+    """Replace, in place, every plain nn.Linear of `model` that `select` accepts by `make(linear)`;
+    returns the (old, new) pairs."""
+    pairs = []
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and select(m):
+            parent, _, attr = name.rpartition(".")
+            new = make(m)
+            setattr(model.get_submodule(parent), attr, new)
+            pairs.append((m, new))
+    return pairs
+
+
 def install_(model: nn.Module) -> int:
     """Swap, in place, every nn.Linear of `model` for a KernelLinear; returns how many. Builds the kernel
     now, so a failing compiler stops before any work."""
     _library()
-    swapped = 0
-    for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, KernelLinear(m))
-            swapped += 1
-    return swapped
+    return len(swap_linears_(model, KernelLinear))
