@@ -1,4 +1,4 @@
-"""bf16 linear layers on CPUs whose torch has no fast bf16 matrix multiply (`target.cpu_gemm`).
+"""bf16 linear layers (and RMSNorm) on CPUs whose torch has no fast bf16 matrix multiply (`target.cpu_gemm`).
 
 Where the CPU lacks AVX-512 (most AMD Zen 2/3 machines, older and mobile Intel ones), torch's bf16
 `linear` has a fast path for one row only; for more rows it loops row by row over the whole weight
@@ -6,7 +6,8 @@ matrix, single-threaded. A verification of γ + 1 = 8 tokens then costs ≈ 4× 
 speculative decoding cannot pay (docs/design.md, "bf16 on AVX2 CPUs"). `cpu_gemm.c` reads each weight
 row once for up to 8 rows of input, in fp32 arithmetic rounded to bf16 like torch's. It is compiled
 with the machine's C compiler on first use (about a second) into the dspark cache, and called through
-ctypes on tensors' memory. The attention of a layer whose projections run it multiplies in fp32 on the
+ctypes on tensors' memory. Llama's RMSNorm runs there too (`KernelRMSNorm`): its eight small tensor
+operations cost ≈ 5 ms of a ≈ 38 ms decode step of SmolLM2 on such a CPU, one kernel call a fraction. The attention of a layer whose projections run it multiplies in fp32 on the
 same bf16 values (`matmul`, models/attention.py): torch's bf16 `bmm` is as slow there.
 
 `cpu_gemm: auto` uses it for a bf16 target on the CPU when torch's own bf16 path is slow there (no
@@ -101,7 +102,7 @@ def _library():
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True)
             why = done.stderr.strip()[-400:] if done.returncode else None
@@ -115,6 +116,8 @@ def _library():
     lib = ctypes.CDLL(str(so))
     lib.dspark_bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.dspark_bf16_linear.restype = None
+    lib.dspark_bf16_rmsnorm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.dspark_bf16_rmsnorm.restype = None
     _lib = lib
     return lib
 
@@ -136,6 +139,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                       torch.get_num_threads())
     y = y.view(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, weight · (x · rsqrt(mean(x²) + eps)) rounded to x's dtype, through the kernel for bf16
+    CPU tensors without autograd (torch's operations otherwise)."""
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or x.dtype != torch.bfloat16 \
+            or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    d = weight.shape[0]
+    x2 = x.reshape(-1, d).contiguous()
+    y = torch.empty_like(x2)
+    if x2.shape[0]:
+        _library().dspark_bf16_rmsnorm(x2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x2.shape[0], d,
+                                       float(eps))
+    return y.view(x.shape)
 
 
 def runs_kernel(module: nn.Module) -> bool:
@@ -162,6 +181,31 @@ class KernelLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+class KernelRMSNorm(nn.Module):
+    """A Llama RMSNorm module's weight (the same tensor) and epsilon, normalising through the kernel."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.weight = base.weight
+        self.eps = float(getattr(base, "variance_epsilon", getattr(base, "eps", None)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def is_llama_rmsnorm(module: nn.Module) -> bool:
+    """Whether a module computes Llama's RMSNorm: transformers' own (or a model's copy of it: the same
+    bytecode, constants and names) or one of ours that says so (`is_llama_rmsnorm = True`)."""
+    if getattr(type(module), "is_llama_rmsnorm", False):
+        return True
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    forward = getattr(type(module), "forward", None)
+    code, ref = getattr(forward, "__code__", None), LlamaRMSNorm.forward.__code__
+    return code is not None and (code.co_code, code.co_consts, code.co_names) == \
+        (ref.co_code, ref.co_consts, ref.co_names) and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
 def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[nn.Linear, nn.Module]]:
     """Replace, in place, every plain nn.Linear of `model` that `select` accepts by `make(linear)`;
     returns the (old, new) pairs."""
@@ -176,7 +220,12 @@ def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[n
 
 
 def install_(model: nn.Module) -> int:
-    """Swap, in place, every nn.Linear of `model` for a KernelLinear; returns how many. Builds the kernel
-    now, so a failing compiler stops before any work."""
+    """Swap, in place, every nn.Linear of `model` for a KernelLinear and every Llama RMSNorm for a
+    KernelRMSNorm; returns how many modules were swapped. Builds the kernel now, so a failing compiler
+    stops before any work."""
     _library()
-    return len(swap_linears_(model, KernelLinear))
+    norms = [name for name, m in model.named_modules() if name and is_llama_rmsnorm(m)]
+    for name in norms:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, KernelRMSNorm(model.get_submodule(name)))
+    return len(norms) + len(swap_linears_(model, KernelLinear))

@@ -78,6 +78,8 @@ class DSparkConfig(HeadConfigBase):
 
 
 class RMSNorm(nn.Module):
+    is_llama_rmsnorm = True   # Llama's arithmetic: the bf16 CPU kernel may run it (models/cpu_gemm.py)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))

@@ -47,6 +47,28 @@ def test_kernel_takes_any_leading_shape_strides_and_a_bias():
     assert xf.grad is not None
 
 
+@needs_kernel
+@pytest.mark.parametrize("d", [64, 37])          # a multiple of 8, and one with a scalar tail
+def test_the_kernels_rmsnorm_is_llamas(d):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(d)
+    ref = LlamaRMSNorm(d, eps=1e-5).bfloat16()
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(d, generator=g))
+    x = (torch.randn(2, 5, d, generator=g) * 3).bfloat16()
+    assert cpu_gemm.is_llama_rmsnorm(ref) and not cpu_gemm.is_llama_rmsnorm(nn.LayerNorm(d))
+    with torch.no_grad():                          # (a weight that needs gradients takes torch's path)
+        got = cpu_gemm.KernelRMSNorm(ref)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    # only the mean's summation order differs: at most one bf16 rounding step apart, mostly equal
+    torch.testing.assert_close(got.float(), ref(x).float(), rtol=2 ** -6, atol=1e-2)
+    assert (got == ref(x)).float().mean() > 0.9
+    x32 = x.float().requires_grad_()              # autograd, other dtypes: torch's operations
+    cpu_gemm.rms_norm(x32, ref.weight.float(), 1e-5).sum().backward()
+    assert x32.grad is not None
+
+
 def _tiny(cpu_gemm_mode: str, dtype: str = "bfloat16"):
     cfg = OmegaConf.load("conf/target/tiny.yaml")
     cfg.dtype, cfg.cpu_gemm = dtype, cpu_gemm_mode
@@ -57,9 +79,11 @@ def _tiny(cpu_gemm_mode: str, dtype: str = "bfloat16"):
 def test_a_bf16_target_runs_every_linear_through_the_kernel_with_the_same_logits():
     plain, fast = _tiny("torch"), _tiny("avx2")
     assert not plain.cpu_gemm and fast.cpu_gemm
-    assert not any(type(m) is nn.Linear for m in fast.model.modules())
+    assert not any(type(m) is nn.Linear or cpu_gemm.is_llama_rmsnorm(m) for m in fast.model.modules())
     assert sum(isinstance(m, cpu_gemm.KernelLinear) for m in fast.model.modules()) == \
         sum(type(m) is nn.Linear for m in plain.model.modules())
+    assert sum(isinstance(m, cpu_gemm.KernelRMSNorm) for m in fast.model.modules()) == \
+        sum(cpu_gemm.is_llama_rmsnorm(m) for m in plain.model.modules()) > 0
     ids = torch.randint(0, plain.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
     a, b = plain.model(input_ids=ids).logits.float(), fast.model(input_ids=ids).logits.float()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
@@ -93,7 +117,7 @@ def test_a_drafter_on_a_kernel_target_drafts_through_the_kernel():
                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=4)
     d = drafter_for(DSparkDraft(c).attach(target), target)
     assert d.head.logits_linear is cpu_gemm.linear
-    assert not any(type(m) is nn.Linear for m in d.head.modules())
+    assert not any(type(m) is nn.Linear or cpu_gemm.is_llama_rmsnorm(m) for m in d.head.modules())
     s = RequestState(rid=0, tokens=list(range(5, 25)), n_prompt=20, max_new_tokens=8)
     d.start([s], [torch.randn(19, 2 * target.hidden_size).bfloat16()])
     (p,) = d.propose([s], [4])
