@@ -97,6 +97,8 @@ class HeadDrafter(Drafter):
         if getattr(target, "cpu_gemm", False):   # the target's bf16 kernel serves its head too (models/cpu_gemm.py)
             cpu_gemm.install_(self.head)
             self.head.logits_linear = cpu_gemm.linear
+            if hasattr(self.head, "markov_greedy"):
+                self.head.markov_greedy = cpu_gemm.markov_greedy
         self.name = head.config.kind
         self.feature_layers = tuple(head.config.target_layer_ids)
         self.temperature = float(temperature)

@@ -99,3 +99,40 @@ void dspark_bf16_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int6
             y[i * d + e] = to_bf16(from_bf16(w[e]) * from_bf16(to_bf16(from_bf16(xr[e]) * r)));
     }
 }
+
+/* Greedy drafting through a Markov chunk head (models/dspark.py): for each of R rows and G block positions,
+ * token = argmax_v bf16(base[k, v] + bf16(up[v] · emb[prev])), prev = the previous position's token (the
+ * anchor's draft id first). One call for the whole block instead of G rounds of four small tensor ops.
+ * base (R, G, V), emb (V + 1, r), up (V, r) bf16; first (R,) and toks (R, G) int64; ties go to the lowest v. */
+void dspark_markov_greedy(const uint16_t *base, const uint16_t *emb, const uint16_t *up, const int64_t *first,
+                          int64_t *toks, int64_t R, int64_t G, int64_t V, int64_t r, int threads) {
+    float *e = malloc(sizeof(float) * r);
+    for (int64_t row = 0; row < R; ++row) {
+        int64_t prev = first[row];
+        for (int64_t k = 0; k < G; ++k) {
+            for (int64_t j = 0; j < r; ++j) e[j] = from_bf16(emb[prev * r + j]);
+            const uint16_t *b = base + (row * G + k) * V;
+            float best = -INFINITY;
+            int64_t arg = V;
+            #pragma omp parallel num_threads(threads)
+            {
+                float mine = -INFINITY;
+                int64_t at = V;
+                #pragma omp for schedule(static) nowait
+                for (int64_t v = 0; v < V; ++v) {
+                    uint16_t bias;
+                    rows(1, 4, e, up + v * r, r, &bias, 1);
+                    float logit = from_bf16(to_bf16(from_bf16(b[v]) + from_bf16(bias)));
+                    if (logit > mine || (logit == mine && v < at)) { mine = logit; at = v; }
+                }
+                #pragma omp critical
+                if (mine > best || (mine == best && at < arg)) {
+                    best = mine;
+                    arg = at;
+                }
+            }
+            toks[row * G + k] = prev = arg < V ? arg : 0;   /* NaN logits only */
+        }
+    }
+    free(e);
+}

@@ -118,6 +118,8 @@ def _library():
     lib.dspark_bf16_linear.restype = None
     lib.dspark_bf16_rmsnorm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.dspark_bf16_rmsnorm.restype = None
+    lib.dspark_markov_greedy.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    lib.dspark_markov_greedy.restype = None
     _lib = lib
     return lib
 
@@ -155,6 +157,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _library().dspark_bf16_rmsnorm(x2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x2.shape[0], d,
                                        float(eps))
     return y.view(x.shape)
+
+
+def markov_greedy(base: torch.Tensor, emb: torch.Tensor, up: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
+    """Greedy tokens of a block through a Markov chunk head in one kernel call: base (R, G, V) logits, emb
+    (V + 1, r) and up (V, r) the head's matrices, first (R,) the anchors' draft ids → (R, G) draft ids,
+    token k = argmax(base[:, k] + up · emb[token k − 1]) with each sum rounded to bf16 (the head's own loop,
+    up to summation order). None where it does not apply (not all bf16 CPU tensors): use the loop."""
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (base, emb, up)):
+        return None
+    base, emb, up = base.contiguous(), emb.contiguous(), up.contiguous()
+    first = first.to(torch.int64).contiguous()
+    r, g, v = base.shape
+    toks = torch.empty(r, g, dtype=torch.int64)
+    _library().dspark_markov_greedy(base.data_ptr(), emb.data_ptr(), up.data_ptr(), first.data_ptr(), toks.data_ptr(),
+                                    r, g, v, up.shape[1], torch.get_num_threads())
+    return toks
 
 
 def runs_kernel(module: nn.Module) -> bool:

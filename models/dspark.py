@@ -204,6 +204,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
     config_class = DSparkConfig
     architecture = "dspark"
     compiled_methods = ("backbone", "sample_block")   # a proposal's hot path (inference/compiled_head.py)
+    markov_greedy = None   # greedy Markov blocks in one call: the runtime's drafters may set models/cpu_gemm's
 
     @classmethod
     def from_draft_cfg(cls, d, target, d2t) -> "DSparkDraft":
@@ -332,12 +333,24 @@ class DSparkDraft(DraftHeadBase, nn.Module):
         """Inference: h (R, γ, D), anchors (R,) target ids → draft ids (R, γ), probs (R, γ, Vd) or
         None when greedy, confidences (R, γ); sampled left to right through the sequential head."""
         base = self.base_logits(h)
+        toks = probs = None
+        if temperature <= 0 and self.markov_greedy is not None and self.config.sequential_head == "markov":
+            toks = self.markov_greedy(base, self.token_embed.weight, self.chunk_head.up_proj.weight, self.t2d[anchors])
+        if toks is None:
+            toks, probs = self._sample_loop(h, base, anchors, temperature, generator)
+        prev = self.prev_embedding(torch.cat([self.t2d[anchors][:, None], toks[:, :-1]], 1))
+        # the confidences need no sampling: one pass over every position once the tokens are known
+        c = self.confidence_logits(h, prev).float()
+        temps = torch.tensor([self.confidence_temperature(k) for k in range(h.shape[1])], device=c.device)
+        return toks, probs, torch.sigmoid(c / temps)
+
+    def _sample_loop(self, h: torch.Tensor, base: torch.Tensor, anchors: torch.Tensor, temperature: float,
+                     generator: torch.Generator | None):
+        """The block's tokens left to right: (R, γ) draft ids, and (R, γ, Vd) probs when sampling."""
         prev_ids, state = self.t2d[anchors], None
-        toks, probs, prevs = [], [], []
-        for k in range(h.shape[1]):
-            prev = self.prev_embedding(prev_ids)
-            prevs.append(prev)
-            bias, state = self.chunk_bias(h[:, k], prev, state)
+        toks, probs = [], []
+        for k in range(base.shape[1]):
+            bias, state = self.chunk_bias(h[:, k], self.prev_embedding(prev_ids), state)
             logits = (base[:, k] + bias).float()
             if temperature > 0:
                 p = torch.softmax(logits / temperature, -1)
@@ -347,10 +360,7 @@ class DSparkDraft(DraftHeadBase, nn.Module):
                 tok = logits.argmax(-1)
             toks.append(tok)
             prev_ids = tok
-        # the confidences need no sampling: one pass over every position once the tokens are known
-        c = self.confidence_logits(h, None if prevs[0] is None else torch.stack(prevs, 1)).float()
-        temps = torch.tensor([self.confidence_temperature(k) for k in range(h.shape[1])], device=c.device)
-        return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None, torch.sigmoid(c / temps)
+        return torch.stack(toks, 1), torch.stack(probs, 1) if probs else None
 
 
 def default_layer_ids(num_layers: int, k: int = 5) -> list[int]:

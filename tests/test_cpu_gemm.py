@@ -116,12 +116,38 @@ def test_a_drafter_on_a_kernel_target_drafts_through_the_kernel():
                      target_num_layers=target.num_layers, target_layer_ids=[1, 3], num_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=4)
     d = drafter_for(DSparkDraft(c).attach(target), target)
-    assert d.head.logits_linear is cpu_gemm.linear
+    assert d.head.logits_linear is cpu_gemm.linear and d.head.markov_greedy is cpu_gemm.markov_greedy
     assert not any(type(m) is nn.Linear or cpu_gemm.is_llama_rmsnorm(m) for m in d.head.modules())
     s = RequestState(rid=0, tokens=list(range(5, 25)), n_prompt=20, max_new_tokens=8)
     d.start([s], [torch.randn(19, 2 * target.hidden_size).bfloat16()])
     (p,) = d.propose([s], [4])
     assert len(p.tokens) == 4 and all(0 <= t < target.vocab_size for t in p.tokens)
+
+
+@needs_kernel
+def test_greedy_markov_blocks_in_one_kernel_call_equal_the_heads_loop():
+    from dspark.models.dspark import DSparkConfig, DSparkDraft
+
+    target = _tiny("avx2")
+    c = DSparkConfig(target="tiny", target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
+                     target_num_layers=target.num_layers, target_layer_ids=[1, 3], num_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=6)
+    head = DSparkDraft(c)
+    nn.init.normal_(head.chunk_head.up_proj.weight, std=0.5)     # a bigram bias that changes the argmax
+    head = head.bfloat16().attach(target)
+    cpu_gemm.install_(head)
+    head.logits_linear = cpu_gemm.linear
+    g = torch.Generator().manual_seed(3)
+    h, anchors = torch.randn(5, 6, target.hidden_size, generator=g).bfloat16(), torch.randint(0, 250, (5,), generator=g)
+    loop = head.sample_block(h, anchors, 0.0)
+    head.markov_greedy = cpu_gemm.markov_greedy
+    fused = head.sample_block(h, anchors, 0.0)
+    assert torch.equal(loop[0], fused[0]) and loop[1] is fused[1] is None   # the same sums: the same tokens
+    torch.testing.assert_close(loop[2], fused[2])
+    without_bias = head.base_logits(h).float().argmax(-1)
+    assert not torch.equal(fused[0], without_bias)                          # the bias was applied
+    assert cpu_gemm.markov_greedy(head.base_logits(h).float(), head.token_embed.weight,
+                                  head.chunk_head.up_proj.weight, anchors) is None   # not bf16: the loop
 
 
 def test_when_the_kernel_runs(monkeypatch):
