@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="with --head: also time each through torch.compile")
     ap.add_argument("--warm", action="store_true", help="with --head: no target step between proposals (warm caches)")
     ap.add_argument("--cpu-gemm", action="store_true",
-                    help="only: the target's forward with torch's bf16 linear layers vs models/cpu_gemm.c")
+                    help="only: the target's forward with torch's bf16 linear layers vs models/cpu_gemm.c's "
+                         "(linear layers only, then with its RMSNorm too)")
     a = ap.parse_args(argv)
     cfg = OmegaConf.create(files("dspark.conf").joinpath("target", f"{a.target}.yaml").read_text())
     if a.cpu_gemm:
@@ -47,12 +48,13 @@ def main(argv=None) -> None:
         t = gemm_times(cfg, widths, a.context, a.repeats)
         print(f"{cfg.name} ({cfg.dtype}), R = 1, context {a.context}, {torch.get_num_threads()} threads, "
               f"median of {a.repeats}, interleaved")
-        print("| new tokens | torch ms | cpu_gemm ms | cpu_gemm / torch | torch / its 1 token | cpu_gemm / its 1 token |")
-        print("|---|---|---|---|---|---|")
+        print("| new tokens | torch ms | kernel linears ms | kernel linears + RMSNorm ms | kernel / torch | "
+              "+ RMSNorm / linears | torch / its 1 token | kernel / its 1 token |")
+        print("|---|---|---|---|---|---|---|---|")
         for i, w in enumerate(widths):
-            tt, tk = t["torch"][i], t["avx2"][i]
-            print(f"| {w} | {1e3 * tt:.1f} | {1e3 * tk:.1f} | {tk / tt:.2f} | {tt / t['torch'][0]:.2f} | "
-                  f"{tk / t['avx2'][0]:.2f} |")
+            tt, tl, tk = t["torch"][i], t["linears"][i], t["avx2"][i]
+            print(f"| {w} | {1e3 * tt:.1f} | {1e3 * tl:.1f} | {1e3 * tk:.1f} | {tk / tt:.2f} | {tk / tl:.2f} | "
+                  f"{tt / t['torch'][0]:.2f} | {tk / t['avx2'][0]:.2f} |")
         return
     target = load_target(cfg)
     if a.head:

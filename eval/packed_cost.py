@@ -7,6 +7,7 @@ a busy machine.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -92,7 +93,8 @@ def step_times(target, sizes: list[int], width: int, context: int, repeats: int)
 def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3,
                    compiled: bool = False, warm: bool = False) -> dict[str, float]:
     """Median seconds of one R = 1 proposal of `head` (a full block) per `DRAFT_WEIGHTS` entry (and,
-    with `compiled`, each again through torch.compile: "int8+compile"), each right after a target decode
+    with `compiled`, each again through torch.compile: "int8+compile"; on a target that runs the bf16
+    kernel, also native weights drafting greedy Markov blocks through the head's own loop), each right after a target decode
     step over a `context`-token cache (as in the runtime: the step leaves the head's weights out of
     cache; `warm`: no target step between proposals), with `new_tokens` new context positions to project
     per proposal."""
@@ -110,6 +112,10 @@ def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3
     for w, c in variants:
         name = w + "+compile" * c
         drafters[name] = drafter_for(head, target, draft_weights=w, draft_compile=c)
+    if getattr(drafters["native"].head, "markov_greedy", None) is not None:   # the kernel's block vs the loop
+        drafters["native, head's loop"] = d = drafter_for(copy.deepcopy(head), target)
+        d.head.markov_greedy = None
+    for name in drafters:
         states[name] = RequestState(rid=0, tokens=list(range(100, 100 + context)), n_prompt=context, max_new_tokens=1)
         drafters[name].start([states[name]], [feats(context)])
 
@@ -133,12 +139,19 @@ def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3
 
 def gemm_times(cfg, widths: list[int], context: int, repeats: int) -> dict[str, list[float]]:
     """Median seconds of an R = 1 verification forward over each of `widths` new tokens, for the target of
-    `cfg` with torch's bf16 linear layers and with models/cpu_gemm's (two copies, forwards interleaved)."""
+    `cfg` with torch's bf16 linear layers ("torch"), with models/cpu_gemm's linear layers only ("linears")
+    and with its linear layers and RMSNorms ("avx2", what `target.cpu_gemm` installs): three copies,
+    forwards interleaved."""
     from omegaconf import OmegaConf
 
+    from dspark.models import cpu_gemm
     from dspark.models.target import load_target
 
     targets = {mode: load_target(OmegaConf.merge(cfg, {"cpu_gemm": mode})) for mode in ("torch", "avx2")}
+    linears = targets["linears"] = load_target(OmegaConf.merge(cfg, {"cpu_gemm": "torch"}))
+    cpu_gemm.install_(linears.model, norms=False)
+    linears.cpu_gemm = True
+    targets = {m: targets[m] for m in ("torch", "linears", "avx2")}
     caches = {mode: _filled_cache(t, 1, context) for mode, t in targets.items()}
     out = {mode: [] for mode in targets}
     for w in widths:

@@ -237,12 +237,12 @@ def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[n
     return pairs
 
 
-def install_(model: nn.Module) -> int:
-    """Swap, in place, every nn.Linear of `model` for a KernelLinear and every Llama RMSNorm for a
-    KernelRMSNorm; returns how many modules were swapped. Builds the kernel now, so a failing compiler
-    stops before any work."""
+def install_(model: nn.Module, norms: bool = True) -> int:
+    """Swap, in place, every nn.Linear of `model` for a KernelLinear and (with `norms`) every Llama RMSNorm
+    for a KernelRMSNorm; returns how many modules were swapped. Builds the kernel now, so a failing
+    compiler stops before any work."""
     _library()
-    norms = [name for name, m in model.named_modules() if name and is_llama_rmsnorm(m)]
+    norms = [name for name, m in model.named_modules() if norms and name and is_llama_rmsnorm(m)]
     for name in norms:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, KernelRMSNorm(model.get_submodule(name)))

@@ -122,6 +122,9 @@ def test_a_drafter_on_a_kernel_target_drafts_through_the_kernel():
     d.start([s], [torch.randn(19, 2 * target.hidden_size).bfloat16()])
     (p,) = d.propose([s], [4])
     assert len(p.tokens) == 4 and all(0 <= t < target.vocab_size for t in p.tokens)
+    from dspark.eval.packed_cost import proposal_times   # the kernel's greedy block timed beside the head's loop
+    t = proposal_times(target, d.head, context=20, repeats=1)
+    assert set(t) == {"native", "int8", "native, head's loop"} and min(t.values()) > 0
 
 
 @needs_kernel
@@ -180,10 +183,10 @@ def test_a_compiler_that_fails_is_one_clear_error(monkeypatch, tmp_path):
 
 
 @needs_kernel
-def test_the_side_by_side_timing_runs_both_copies_of_the_target():
+def test_the_side_by_side_timing_runs_every_copy_of_the_target():
     from dspark.eval.packed_cost import gemm_times
 
     cfg = OmegaConf.load("conf/target/tiny.yaml")
     cfg.dtype = "bfloat16"
     t = gemm_times(cfg, [1, 4], context=16, repeats=2)
-    assert set(t) == {"torch", "avx2"} and all(len(v) == 2 and min(v) > 0 for v in t.values())
+    assert set(t) == {"torch", "linears", "avx2"} and all(len(v) == 2 and min(v) > 0 for v in t.values())
