@@ -7,7 +7,8 @@ speculative decoding cannot pay (docs/design.md, "bf16 on AVX2 CPUs"). `cpu_gemm
 row once for up to 8 rows of input, in fp32 arithmetic rounded to bf16 like torch's. It is compiled
 with the machine's C compiler on first use (about a second) into the dspark cache, and called through
 ctypes on tensors' memory. Llama's RMSNorm runs there too (`KernelRMSNorm`): its eight small tensor
-operations cost ≈ 5 ms of a ≈ 38 ms decode step of SmolLM2 on such a CPU, one kernel call a fraction. The attention of a layer whose projections run it multiplies in fp32 on the
+operations cost ≈ 5 ms of a ≈ 38 ms decode step of SmolLM2 on such a CPU, one kernel call a fraction; so
+does a DSpark head's greedy Markov block (`markov_greedy`: γ rounds of small operations, one call). The attention of a layer whose projections run it multiplies in fp32 on the
 same bf16 values (`matmul`, models/attention.py): torch's bf16 `bmm` is as slow there.
 
 `cpu_gemm: auto` uses it for a bf16 target on the CPU when torch's own bf16 path is slow there (no
