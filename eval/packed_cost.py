@@ -94,10 +94,10 @@ def proposal_times(target, head, context: int, repeats: int, new_tokens: int = 3
                    compiled: bool = False, warm: bool = False) -> dict[str, float]:
     """Median seconds of one R = 1 proposal of `head` (a full block) per `DRAFT_WEIGHTS` entry (and,
     with `compiled`, each again through torch.compile: "int8+compile"; on a target that runs the bf16
-    kernel, also native weights drafting greedy Markov blocks through the head's own loop), each right after a target decode
-    step over a `context`-token cache (as in the runtime: the step leaves the head's weights out of
-    cache; `warm`: no target step between proposals), with `new_tokens` new context positions to project
-    per proposal."""
+    kernel, also native weights drafting greedy Markov blocks through the head's own loop), each right
+    after a target decode step over a `context`-token cache (as in the runtime: the step leaves the head's
+    weights out of cache; `warm`: no target step between proposals), with `new_tokens` new context
+    positions to project per proposal."""
     dev = target.device
     cache = _filled_cache(target, 1, context)
     one, tok = torch.ones(1, 1, dtype=torch.bool, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev)

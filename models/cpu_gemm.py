@@ -8,7 +8,8 @@ row once for up to 8 rows of input, in fp32 arithmetic rounded to bf16 like torc
 with the machine's C compiler on first use (about a second) into the dspark cache, and called through
 ctypes on tensors' memory. Llama's RMSNorm runs there too (`KernelRMSNorm`): its eight small tensor
 operations cost ≈ 5 ms of a ≈ 38 ms decode step of SmolLM2 on such a CPU, one kernel call a fraction; so
-does a DSpark head's greedy Markov block (`markov_greedy`: γ rounds of small operations, one call). The attention of a layer whose projections run it multiplies in fp32 on the
+does a DSpark head's greedy Markov block (`markov_greedy`: γ rounds of small operations, one call). The
+attention of a layer whose projections run it multiplies in fp32 on the
 same bf16 values (`matmul`, models/attention.py): torch's bf16 `bmm` is as slow there.
 
 `cpu_gemm: auto` uses it for a bf16 target on the CPU when torch's own bf16 path is slow there (no
@@ -163,8 +164,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def markov_greedy(base: torch.Tensor, emb: torch.Tensor, up: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
     """Greedy tokens of a block through a Markov chunk head in one kernel call: base (R, G, V) logits, emb
     (V + 1, r) and up (V, r) the head's matrices, first (R,) the anchors' draft ids → (R, G) draft ids,
-    token k = argmax(base[:, k] + up · emb[token k − 1]) with each sum rounded to bf16 (the head's own loop,
-    up to summation order). None where it does not apply (not all bf16 CPU tensors): use the loop."""
+    token k = argmax(base[:, k] + up · emb[token k − 1]) with each sum rounded to bf16: the same sums as the
+    head's own loop through the kernel, so the same tokens. None where it does not apply (not all bf16 CPU
+    tensors): use the loop."""
     if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (base, emb, up)):
         return None
     base, emb, up = base.contiguous(), emb.contiguous(), up.contiguous()
