@@ -227,12 +227,12 @@ def is_llama_rmsnorm(module: nn.Module) -> bool:
         (ref.co_code, ref.co_consts, ref.co_names) and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[nn.Linear, nn.Module]]:
-    """Replace, in place, every plain nn.Linear of `model` that `select` accepts by `make(linear)`;
-    returns the (old, new) pairs."""
+def swap_modules_(model: nn.Module, make, select) -> list[tuple[nn.Module, nn.Module]]:
+    """Replace, in place, every submodule of `model` that `select` accepts by `make(module)`; returns the
+    (old, new) pairs."""
     pairs = []
     for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and select(m):
+        if name and select(m):
             parent, _, attr = name.rpartition(".")
             new = make(m)
             setattr(model.get_submodule(parent), attr, new)
@@ -240,13 +240,15 @@ def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[n
     return pairs
 
 
+def swap_linears_(model: nn.Module, make, select=lambda m: True) -> list[tuple[nn.Linear, nn.Module]]:
+    """`swap_modules_` for the plain nn.Linear layers that `select` accepts."""
+    return swap_modules_(model, make, lambda m: type(m) is nn.Linear and select(m))
+
+
 def install_(model: nn.Module, norms: bool = True) -> int:
     """Swap, in place, every nn.Linear of `model` for a KernelLinear and (with `norms`) every Llama RMSNorm
     for a KernelRMSNorm; returns how many modules were swapped. Builds the kernel now, so a failing
     compiler stops before any work."""
     _library()
-    norms = [name for name, m in model.named_modules() if norms and name and is_llama_rmsnorm(m)]
-    for name in norms:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, KernelRMSNorm(model.get_submodule(name)))
-    return len(norms) + len(swap_linears_(model, KernelLinear))
+    swapped = swap_modules_(model, KernelRMSNorm, is_llama_rmsnorm) if norms else []
+    return len(swapped) + len(swap_linears_(model, KernelLinear))

@@ -332,22 +332,23 @@ class DSparkDraft(DraftHeadBase, nn.Module):
                      generator: torch.Generator | None = None):
         """Inference: h (R, γ, D), anchors (R,) target ids → draft ids (R, γ), probs (R, γ, Vd) or
         None when greedy, confidences (R, γ); sampled left to right through the sequential head."""
-        base = self.base_logits(h)
+        base, first = self.base_logits(h), self.t2d[anchors]
         toks = probs = None
         if temperature <= 0 and self.markov_greedy is not None and self.config.sequential_head == "markov":
-            toks = self.markov_greedy(base, self.token_embed.weight, self.chunk_head.up_proj.weight, self.t2d[anchors])
+            toks = self.markov_greedy(base, self.token_embed.weight, self.chunk_head.up_proj.weight, first)
         if toks is None:
-            toks, probs = self._sample_loop(h, base, anchors, temperature, generator)
-        prev = self.prev_embedding(torch.cat([self.t2d[anchors][:, None], toks[:, :-1]], 1))
+            toks, probs = self._sample_loop(h, base, first, temperature, generator)
+        prev = self.prev_embedding(torch.cat([first[:, None], toks[:, :-1]], 1))
         # the confidences need no sampling: one pass over every position once the tokens are known
         c = self.confidence_logits(h, prev).float()
         temps = torch.tensor([self.confidence_temperature(k) for k in range(h.shape[1])], device=c.device)
         return toks, probs, torch.sigmoid(c / temps)
 
-    def _sample_loop(self, h: torch.Tensor, base: torch.Tensor, anchors: torch.Tensor, temperature: float,
+    def _sample_loop(self, h: torch.Tensor, base: torch.Tensor, first: torch.Tensor, temperature: float,
                      generator: torch.Generator | None):
-        """The block's tokens left to right: (R, γ) draft ids, and (R, γ, Vd) probs when sampling."""
-        prev_ids, state = self.t2d[anchors], None
+        """The block's tokens left to right after the anchors' draft ids `first` (R,): (R, γ) draft ids, and
+        (R, γ, Vd) probs when sampling."""
+        prev_ids, state = first, None
         toks, probs = [], []
         for k in range(base.shape[1]):
             bias, state = self.chunk_bias(h[:, k], self.prev_embedding(prev_ids), state)

@@ -105,17 +105,23 @@ def test_training_features_of_a_kernel_target_match_transformers_eager_ones():
     assert plain.model.config._attn_implementation == fast.model.config._attn_implementation == "eager"
 
 
+def _tiny_head(target, gamma: int):
+    """A fresh one-layer DSpark head for the tiny target (features of its layers 1 and 3)."""
+    from dspark.models.dspark import DSparkConfig, DSparkDraft
+
+    return DSparkDraft(DSparkConfig(target="tiny", target_hidden_size=target.hidden_size,
+                                    target_vocab_size=target.vocab_size, target_num_layers=target.num_layers,
+                                    target_layer_ids=[1, 3], num_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=96, gamma=gamma))
+
+
 @needs_kernel
 def test_a_drafter_on_a_kernel_target_drafts_through_the_kernel():
     from dspark.inference.drafters import RequestState
     from dspark.inference.head_drafters import drafter_for
-    from dspark.models.dspark import DSparkConfig, DSparkDraft
 
     target = _tiny("avx2")
-    c = DSparkConfig(target="tiny", target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
-                     target_num_layers=target.num_layers, target_layer_ids=[1, 3], num_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=4)
-    d = drafter_for(DSparkDraft(c).attach(target), target)
+    d = drafter_for(_tiny_head(target, gamma=4).attach(target), target)
     assert d.head.logits_linear is cpu_gemm.linear and d.head.markov_greedy is cpu_gemm.markov_greedy
     assert not any(type(m) is nn.Linear or cpu_gemm.is_llama_rmsnorm(m) for m in d.head.modules())
     s = RequestState(rid=0, tokens=list(range(5, 25)), n_prompt=20, max_new_tokens=8)
@@ -129,13 +135,8 @@ def test_a_drafter_on_a_kernel_target_drafts_through_the_kernel():
 
 @needs_kernel
 def test_greedy_markov_blocks_in_one_kernel_call_equal_the_heads_loop():
-    from dspark.models.dspark import DSparkConfig, DSparkDraft
-
     target = _tiny("avx2")
-    c = DSparkConfig(target="tiny", target_hidden_size=target.hidden_size, target_vocab_size=target.vocab_size,
-                     target_num_layers=target.num_layers, target_layer_ids=[1, 3], num_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, gamma=6)
-    head = DSparkDraft(c)
+    head = _tiny_head(target, gamma=6)
     nn.init.normal_(head.chunk_head.up_proj.weight, std=0.5)     # a bigram bias that changes the argmax
     head = head.bfloat16().attach(target)
     cpu_gemm.install_(head)
