@@ -223,12 +223,13 @@ class Engine:
         return self.drafter is not None and bool(self.drafter.feature_layers)
 
     def _propose(self, active, stats: Stats) -> list[Proposal]:
-        if self.drafter is None or not self.policy.wants_draft(active):
+        drafting = [] if self.drafter is None else self.policy.draft_rows(active)
+        limits = [max(0, min(self.gamma, s.remaining - 1)) if d else 0 for s, d in zip(active, drafting)]
+        if not any(limits):
             return [Proposal(tokens=[]) for _ in active]
         t = time.perf_counter()
-        limits = [max(0, min(self.gamma, s.remaining - 1)) for s in active]
         props = self.drafter.propose(active, limits)
-        self.policy.observe_draft_time(time.perf_counter() - t, len(active))
+        self.policy.observe_draft_time(time.perf_counter() - t, sum(1 for n in limits if n))
         lengths = self.policy.choose(active, props, limits)
         props = [Proposal(p.tokens[:n], None if p.probs is None else p.probs[:n],
                           None if p.confidences is None else p.confidences[:n])

@@ -41,10 +41,10 @@ class Policy:
     def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
         """The runtime reports each step's proposal time for `rows` requests (used by cost-aware policies)."""
 
-    def wants_draft(self, states) -> bool:
-        """Asked before proposing: False makes this a plain step (no drafting cost). Lossless as long
-        as the answer depends only on earlier steps."""
-        return True
+    def draft_rows(self, states) -> list[bool]:
+        """Asked before proposing: which requests draft this step (the others only verify their anchor;
+        none: a plain step, no drafting cost). Lossless as long as the answer depends only on earlier steps."""
+        return [True] * len(states)
 
 
 class VerifyAll(Policy):
@@ -107,87 +107,133 @@ class RunningMean:
 class ConfidenceScheduler(Policy):
     """Hardware-aware prefix scheduler. `step_cost(R, T)` → seconds of one verification step with R
     rows of width T (anchor + drafts); the drafter's per-step time is added from the runtime's
-    reports unless `draft_cost` is given: a running mean per number of rows R (a proposal for 6 rows
-    costs ~2.5× one for 1), the nearest R observed standing in for an R not seen yet."""
+    reports unless `draft_cost` is given: a running mean per number of drafting rows k (a proposal for
+    6 rows costs ~2.5× one for 1), interpolated for a k not seen yet.
+
+    Before proposing (`draft_rows`) it predicts each request's survivals from its latest proposal (or,
+    for a request without one in the last `max_age` steps, from the mean over every proposal so far) and
+    drafts for the k requests of highest predicted gain, k chosen to maximise the predicted Θ of the
+    step with the proposal's cost for k rows (k = 0: a plain step). Under load, where a proposal for
+    every row costs more than it can return, only the most confident rows draft. A request that has
+    not drafted for `probe_every` steps (or ever) drafts anyway, one such request per step, so that an
+    estimate made in another part of the text cannot stop drafting for good."""
 
     name = "sched"
 
-    def __init__(self, step_cost, unit: str = "position", draft_cost: float | None = None, max_skip: int = 16,
-                 packed: bool = True):
+    def __init__(self, step_cost, unit: str = "position", draft_cost: float | None = None, max_age: int = 4,
+                 probe_every: int = 16, packed: bool = True):
         if unit not in ("column", "position"):
             raise ValueError(f"unknown admission unit '{unit}': column | position")
         self.step_cost, self.unit, self.packed = step_cost, unit, packed
         self.fixed_draft = draft_cost
-        self.draft_mean: dict[int, RunningMean] = {}   # rows → mean seconds of a proposal
-        self.max_skip, self.misses, self.skip = max_skip, 0, 0
+        self.draft_mean: dict[int, RunningMean] = {}   # drafting rows → mean seconds of a proposal
+        self.max_age, self.probe_every = max_age, probe_every
+        self.latest: dict = {}                         # request → (its survivals at its latest proposal, steps since)
+        self.idle: dict = {}                           # request → steps since it last drafted
+        self.mean_survival: list[RunningMean] = []     # per block position, over every proposal
 
-    def wants_draft(self, states) -> bool:
-        """Back off from drafting while it does not pay: when the best plan of a step (drafting cost
-        included) was slower than a plain step, skip drafting for the next 1, 2, 4, … (≤ max_skip)
-        steps, then probe again. Depends only on past steps, so it keeps decoding lossless."""
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        return True
+    @staticmethod
+    def _key(state, i: int):
+        return getattr(state, "rid", i)
 
-    def _account(self, theta: float, r: int) -> None:
-        if theta < r / self.step_cost(r, 1):          # a plain step would have been faster
-            self.misses += 1
-            self.skip = min(2 ** (self.misses - 1), self.max_skip)
-        else:
-            self.misses = 0
+    def draft_rows(self, states) -> list[bool]:
+        """The requests to draft for this step (see the class); depends only on earlier steps, so
+        decoding stays lossless."""
+        keys = [self._key(s, i) for i, s in enumerate(states)]
+        live = set(keys)
+        self.latest = {k: (surv, age + 1) for k, (surv, age) in self.latest.items() if k in live}
+        self.idle = {k: self.idle.get(k, self.probe_every - 1) + 1 for k in keys}
+        r = len(states)
+        if not self.mean_survival:                     # nothing proposed yet: every row drafts
+            return self._drafting(keys, set(range(r)))
+        prior = [m.mean for m in self.mean_survival]
+        guess = [self.latest[k][0] if k in self.latest and self.latest[k][1] <= self.max_age else prior
+                 for k in keys]
+        order = sorted(range(r), key=lambda i: -sum(guess[i]))   # most expected accepted drafts first
+        best, best_k = r / self.step_cost(r, 1), 0     # k = 0: a plain step
+        for k in sorted({*range(1, min(r, 8) + 1), *(2 ** e for e in range(3, r.bit_length())), r}):
+            chosen = set(order[:k])
+            theta = self._plan([g if i in chosen else [] for i, g in enumerate(guess)], rows_drafting=k)[0]
+            if theta > best:
+                best, best_k = theta, k
+        chosen = set(order[:best_k])
+        stale = [i for i in range(r) if i not in chosen and self.idle[keys[i]] >= self.probe_every]
+        if stale:                                      # probe the longest idle one
+            chosen.add(max(stale, key=lambda i: self.idle[keys[i]]))
+        return self._drafting(keys, chosen)
+
+    def _drafting(self, keys, chosen: set) -> list[bool]:
+        for i in chosen:
+            self.idle[keys[i]] = 0
+        return [i in chosen for i in range(len(keys))]
 
     def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
         self.draft_mean.setdefault(rows, RunningMean()).add(seconds)
 
     def draft_cost(self, r: int) -> float:
-        """Expected seconds of one proposal for r requests."""
+        """Expected seconds of one proposal for r requests: interpolated linearly between the sizes
+        observed around r, the nearest one's beyond them."""
         if self.fixed_draft is not None:
             return self.fixed_draft
         if not self.draft_mean:
             return 0.0
-        return self.draft_mean[min(self.draft_mean, key=lambda seen: (abs(seen - r), -seen))].mean
+        lo = max((k for k in self.draft_mean if k <= r), default=None)
+        hi = min((k for k in self.draft_mean if k >= r), default=None)
+        if lo is None or hi is None or lo == hi:
+            return self.draft_mean[hi if lo is None else lo].mean
+        c_lo, c_hi = self.draft_mean[lo].mean, self.draft_mean[hi].mean
+        return c_lo + (c_hi - c_lo) * (r - lo) / (hi - lo)
 
-    def _theta(self, tau: float, r: int, width: int, tokens: int) -> float:
-        """Expected tokens per second of a step: `tokens` verified in r rows, the widest `width`."""
+    def _theta(self, tau: float, r: int, width: int, tokens: int, drafting: int) -> float:
+        """Expected tokens per second of a step: `tokens` verified in r rows, the widest `width`, with a
+        proposal for `drafting` rows (0: none)."""
         packed = self.packed and packs(tokens, r, width)   # the engine's own rule
         cost = packed_cost(self.step_cost, r, tokens) if packed else self.step_cost(r, width)
-        return tau / (cost + self.draft_cost(r))
+        return tau / (cost + (self.draft_cost(drafting) if drafting else 0.0))
 
     def choose(self, states, proposals, limits) -> list[int]:
         surv = [survival(p, lim) for p, lim in zip(proposals, limits)]
-        return (self._columns if self.unit == "column" else self._positions)(surv)
+        for i, (s, sv) in enumerate(zip(states, surv)):
+            if sv:                                     # this row drafted: remember what it predicts
+                self.latest[self._key(s, i)] = (sv, 0)
+                self.idle[self._key(s, i)] = 0
+                self.mean_survival += [RunningMean() for _ in range(len(sv) - len(self.mean_survival))]
+                for m, a in zip(self.mean_survival, sv):
+                    m.add(a)
+        return self._plan(surv, rows_drafting=sum(1 for n in limits if n > 0))[1]
 
-    def _columns(self, surv: list[list[float]]) -> list[int]:
+    def _plan(self, surv: list[list[float]], rows_drafting: int = 1) -> tuple[float, list[int]]:
+        """(expected Θ, verified drafts per row) of the step, its proposal for `rows_drafting` rows paid."""
+        return (self._columns if self.unit == "column" else self._positions)(surv, rows_drafting)
+
+    def _columns(self, surv: list[list[float]], k: int) -> tuple[float, list[int]]:
         r = len(surv)
         tau, width, tokens = float(r), 1, r
-        theta = self._theta(tau, r, width, tokens)
+        theta = self._theta(tau, r, width, tokens, k)
         for j in range(max((len(s) for s in surv), default=0)):
             have = [s[j] for s in surv if len(s) > j]
-            new = self._theta(tau + sum(have), r, j + 2, tokens + len(have))
+            new = self._theta(tau + sum(have), r, j + 2, tokens + len(have), k)
             if not new > theta:
                 break
             tau, width, tokens, theta = tau + sum(have), j + 2, tokens + len(have), new
-        self._account(theta, r)
-        return [min(len(s), width - 1) for s in surv]
+        return theta, [min(len(s), width - 1) for s in surv]
 
-    def _positions(self, surv: list[list[float]]) -> list[int]:
+    def _positions(self, surv: list[list[float]], k: int) -> tuple[float, list[int]]:
         r = len(surv)
         order = sorted(((a, j, i) for i, s in enumerate(surv) for j, a in enumerate(s)),
                        key=lambda t: (-t[0], t[1], t[2]))   # ties: earlier position first (prefixes)
         tau, width, tokens, admitted = float(r), 1, r, [0] * r
-        theta = self._theta(tau, r, width, tokens)
+        theta = self._theta(tau, r, width, tokens, k)
         for a, j, i in order:
             new_width = max(width, j + 2)
-            new = self._theta(tau + a, r, new_width, tokens + 1)
+            new = self._theta(tau + a, r, new_width, tokens + 1, k)
             if not new > theta:
                 break
             tau, width, tokens, theta = tau + a, new_width, tokens + 1, new
             admitted[i] = max(admitted[i], j + 1)   # a_{i,j} never grows with j: admissions form prefixes
-        self._account(theta, r)
         if self.packed:
-            return admitted
-        return [min(len(s), width - 1) for s in surv]    # fill: slots inside the width are computed anyway
+            return theta, admitted
+        return theta, [min(len(s), width - 1) for s in surv]    # fill: slots inside the width are computed anyway
 
 
 POLICIES = "all|sched|threshold|gamma<N> (N >= 1)"

@@ -56,7 +56,9 @@ def test_greedy_combined_equals_plain_and_uses_both_sources(tiny_target, code_pr
     drafter = combined(tiny_target)
     outs = []
     for start in range(0, 3, batch):
-        pol = VerifyAll() if policy == "all" else ConfidenceScheduler(lambda r, w: 1e-3 * (1 + 0.05 * r * w))
+        # draft_cost=0: the tiny head's measured time would dwarf this toy step cost and stop drafting
+        pol = VerifyAll() if policy == "all" else ConfidenceScheduler(lambda r, w: 1e-3 * (1 + 0.05 * r * w),
+                                                                     draft_cost=0.0)
         res = Engine(tiny_target, drafter, policy=pol, gamma=4).generate(
             code_prompts[start:start + batch], MAX_NEW[start:start + batch])
         outs += res.outputs

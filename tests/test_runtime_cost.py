@@ -66,9 +66,9 @@ def test_steps_without_drafting_cost_the_drafter_nothing(tiny_target, tiny_promp
     class EveryFourth(VerifyAll):
         steps = 0
 
-        def wants_draft(self, states):
+        def draft_rows(self, states):
             self.steps += 1
-            return self.steps % 4 == 1
+            return [self.steps % 4 == 1] * len(states)
 
     head = tiny_head(tiny_target)
     drafter = drafter_for(head, tiny_target)

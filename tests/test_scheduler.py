@@ -243,21 +243,22 @@ def test_profile_is_cached_per_machine_target_dtype(tiny_target, tmp_path, monke
         step_cost_profile(tiny_target, 4, 3, tmp_path, context=16, repeats=1)
 
 
-def test_scheduler_backs_off_from_drafting_that_does_not_pay(tiny_target, tiny_prompts, plain_outputs):
+def test_scheduler_drafts_only_when_its_prediction_pays(tiny_target, tiny_prompts, plain_outputs):
     cost = table_cost({1: [1.0, 1.5, 2.0]})
     sched = ConfidenceScheduler(cost, draft_cost=5.0)      # drafting costs 5 plain steps: never pays
-    pattern = []
-    for _ in range(3):
-        assert sched.wants_draft([None])
-        choose(sched, [[0.9, 0.9]])
-        skipped = 0
-        while not sched.wants_draft([None]):
-            skipped += 1
-        pattern.append(skipped)
-    assert pattern == [1, 2, 4]                              # exponential back-off, then a probe
-    cheap = ConfidenceScheduler(cost, draft_cost=0.0)
+    assert sched.draft_rows([None]) == [True]              # nothing seen yet: a probe
+    choose(sched, [[0.9, 0.9]])
+    waits = [sched.draft_rows([None]) for _ in range(sched.probe_every)]
+    assert waits == [[False]] * (sched.probe_every - 1) + [[True]]   # then a probe, however bleak the estimate
+    cheap = ConfidenceScheduler(cost, draft_cost=0.1)
     choose(cheap, [[0.9, 0.9]])
-    assert cheap.wants_draft([None])
+    assert cheap.draft_rows([None]) == [True]
+    # a request whose latest block was hopeless waits, and after max_age steps is predicted by the mean again
+    cheap_one = ConfidenceScheduler(cost, draft_cost=0.1, max_age=2)
+    for _ in range(3):
+        choose(cheap_one, [[0.9, 0.9]])
+    choose(cheap_one, [[0.01, 0.01]])
+    assert [cheap_one.draft_rows([None]) for _ in range(3)] == [[False], [False], [True]]
     # in the engine: far fewer drafting steps, same greedy output
     head = tiny_head(tiny_target, "markov", draft_vocab=200)
     res = Engine(tiny_target, DSparkDrafter(head, tiny_target), gamma=5,
@@ -267,9 +268,23 @@ def test_scheduler_backs_off_from_drafting_that_does_not_pay(tiny_target, tiny_p
     assert res.summary()["drafted"] < 0.6 * every.summary()["drafted"]
 
 
+def test_under_load_only_the_most_confident_rows_draft():
+    """Eight rows: a proposal for all of them costs more than it returns, one for the confident row alone pays."""
+    cost = table_cost({8: [8.0, 10.0, 12.0, 14.0]})
+    sched = ConfidenceScheduler(cost)
+    sched.observe_draft_time(0.5, rows=1)
+    sched.observe_draft_time(6.0, rows=8)
+    confs = [[0.3, 0.3, 0.3]] * 7 + [[0.95, 0.95, 0.95]]
+    choose(sched, confs)
+    assert sched.draft_rows([None] * 8) == [False] * 7 + [True]
+    # in the step it drafts, the walk verifies that row's block only
+    proposals = props([[]] * 7 + [[0.95, 0.95, 0.95]])
+    assert sched.choose([None] * 8, proposals, [0] * 7 + [3]) == [0] * 7 + [3]
+
+
 def test_draft_cost_is_tracked_per_number_of_rows():
     """A proposal for many rows costs more than for one: the scheduler weighs each batch size with the
-    drafting time observed at that size (the nearest one seen when it has not seen it yet)."""
+    drafting time observed at that size (interpolated between the sizes seen when it has not seen it)."""
     cost = table_cost({1: [1.0, 1.1, 1.2], 8: [4.0, 5.0, 6.0]})
     sched = ConfidenceScheduler(cost)
     assert sched.draft_cost(3) == 0.0                        # nothing observed yet
@@ -277,9 +292,10 @@ def test_draft_cost_is_tracked_per_number_of_rows():
         sched.observe_draft_time(seconds, rows=1)
     sched.observe_draft_time(3.0, rows=8)
     assert sched.draft_cost(1) == pytest.approx(0.2) and sched.draft_cost(8) == 3.0
-    assert sched.draft_cost(3) == pytest.approx(0.2) and sched.draft_cost(6) == 3.0
+    assert sched.draft_cost(3) == pytest.approx(0.2 + 2.8 * 2 / 7) and sched.draft_cost(16) == 3.0
     confs = [[0.7, 0.7]]
-    assert choose(sched, confs) == [2] and sched.wants_draft([None])        # one row: drafting pays
-    # eight rows: 3 s of drafting does not pay back (a mean over all sizes, 1.13 s, would say it does)
+    assert choose(sched, confs) == [2] and sched.draft_rows([None]) == [True]   # one row: drafting pays
+    # eight rows: 3 s of drafting for all does not pay back (a mean over all sizes, 1.13 s, would say it
+    # does); 0.2 s for one row does
     choose(sched, confs * 8)
-    assert not sched.wants_draft([None] * 8)
+    assert sched.draft_rows([None] * 8) == [True] + [False] * 7
