@@ -19,8 +19,7 @@ the output (a rule such as "lookup when its first token agrees with the head's s
 would select on the head's own sample: its reported q would no longer be the distribution the block
 was drawn from, and the confidence of position 1 would depend on the token at position 1 —
 docs/design.md §5). When no request takes the head, its backbone pass is skipped (the
-lookup costs a dict probe), so the requests with a match are `free_rows`: the confidence scheduler
-lets them draft even in steps where it pays for no head proposal.
+lookup costs a dict probe).
 
 **Confidences of lookup blocks.** ĉ_{n,k} = (accepts + prior·w) / (attempts + w): the running rate at
 which a position-k lookup draft with an n-gram match of length n survived, given that positions
@@ -137,10 +136,6 @@ class CombinedDrafter(Drafter):
         if n < self.min_match:
             return False
         return 1 + self.lookup_rates.expected(n, found) >= (1 + self.head_rates.expected("head", limit)) / (1 + cost)
-
-    def free_rows(self, states):
-        """Requests with a lookup match of at least `min_match` tokens (a dict probe: no cost to propose)."""
-        return [self.lookup.match(s, 1)[0] >= self.min_match for s in states]
 
     def propose(self, states, limits):
         out = [Proposal(tokens=[]) for _ in states]

@@ -66,11 +66,6 @@ class Drafter:
     def propose(self, states: list[RequestState], limits: list[int]) -> list[Proposal]:
         raise NotImplementedError
 
-    def free_rows(self, states: list[RequestState]) -> list[bool]:
-        """Requests this drafter can propose for at no measurable cost this step (a prompt-lookup
-        match): a cost-aware policy lets them draft whatever it predicts for the paid ones."""
-        return [False] * len(states)
-
     def update(self, states: list[RequestState], accepted: list[int],
                features: list[torch.Tensor] | None) -> None:
         """After a step: accepted[i] drafts of states[i] survived; features[i] is (1 + accepted, k·H)

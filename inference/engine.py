@@ -223,16 +223,13 @@ class Engine:
         return self.drafter is not None and bool(self.drafter.feature_layers)
 
     def _propose(self, active, stats: Stats) -> list[Proposal]:
-        free = [] if self.drafter is None else self.drafter.free_rows(active)
-        drafting = [] if self.drafter is None else self.policy.draft_rows(active, free)
+        drafting = [] if self.drafter is None else self.policy.draft_rows(active)
         limits = [max(0, min(self.gamma, s.remaining - 1)) if d else 0 for s, d in zip(active, drafting)]
         if not any(limits):
             return [Proposal(tokens=[]) for _ in active]
         t = time.perf_counter()
         props = self.drafter.propose(active, limits)
-        paid = sum(1 for n, f in zip(limits, free) if n and not f)
-        if paid:   # a proposal for free rows only costs nothing worth modelling
-            self.policy.observe_draft_time(time.perf_counter() - t, paid)
+        self.policy.observe_draft_time(time.perf_counter() - t, sum(1 for n in limits if n))
         lengths = self.policy.choose(active, props, limits)
         props = [Proposal(p.tokens[:n], None if p.probs is None else p.probs[:n],
                           None if p.confidences is None else p.confidences[:n])

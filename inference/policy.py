@@ -41,10 +41,9 @@ class Policy:
     def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
         """The runtime reports each step's proposal time for `rows` requests (used by cost-aware policies)."""
 
-    def draft_rows(self, states, free=None) -> list[bool]:
+    def draft_rows(self, states) -> list[bool]:
         """Asked before proposing: which requests draft this step (the others only verify their anchor;
-        none: a plain step, no drafting cost). `free[i]`: the drafter can propose for request i at no
-        cost. Lossless as long as the answer depends only on earlier steps and the requests' contexts."""
+        none: a plain step, no drafting cost). Lossless as long as the answer depends only on earlier steps."""
         return [True] * len(states)
 
 
@@ -115,8 +114,7 @@ class ConfidenceScheduler(Policy):
     for a request without one in the last `max_age` steps, from the mean over every proposal so far) and
     drafts for the k requests of highest predicted gain, k chosen to maximise the predicted Θ of the
     step with the proposal's cost for k rows (k = 0: a plain step). Under load, where a proposal for
-    every row costs more than it can return, only the most confident rows draft. Requests the drafter
-    serves for free (`free`: a lookup match) always draft and are not counted as paid. A request that has
+    every row costs more than it can return, only the most confident rows draft. A request that has
     not drafted for `probe_every` steps (or ever) drafts anyway, one such request per step, so that an
     estimate made in another part of the text cannot stop drafting for good."""
 
@@ -133,46 +131,41 @@ class ConfidenceScheduler(Policy):
         self.latest: dict = {}                         # request → (its survivals at its latest proposal, steps since)
         self.idle: dict = {}                           # request → steps since it last drafted
         self.mean_survival: list[RunningMean] = []     # per block position, over every proposal
-        self.paid_rows: int | None = None              # rows whose proposal this step is paid for (set by draft_rows)
 
     @staticmethod
     def _key(state, i: int):
         return getattr(state, "rid", i)
 
-    def draft_rows(self, states, free=None) -> list[bool]:
-        """The requests to draft for this step (see the class); depends only on earlier steps and on
-        which requests are free, so decoding stays lossless."""
+    def draft_rows(self, states) -> list[bool]:
+        """The requests to draft for this step (see the class); depends only on earlier steps, so
+        decoding stays lossless."""
         keys = [self._key(s, i) for i, s in enumerate(states)]
-        free = list(free) if free else [False] * len(states)
         live = set(keys)
         self.latest = {k: (surv, age + 1) for k, (surv, age) in self.latest.items() if k in live}
         self.idle = {k: self.idle.get(k, self.probe_every - 1) + 1 for k in keys}
         r = len(states)
         if not self.mean_survival:                     # nothing proposed yet: every row drafts
-            return self._drafting(keys, set(range(r)), free)
+            return self._drafting(keys, set(range(r)))
         prior = [m.mean for m in self.mean_survival]
         guess = [self.latest[k][0] if k in self.latest and self.latest[k][1] <= self.max_age else prior
                  for k in keys]
-        paid = sorted((i for i in range(r) if not free[i]), key=lambda i: -sum(guess[i]))  # most promising first
-        best, best_k = None, 0                         # k = 0: only the free rows draft (none: a plain step)
-        for k in sorted({0, *range(1, min(len(paid), 8) + 1), *(2 ** e for e in range(3, len(paid).bit_length())),
-                         len(paid)}):
-            chosen = set(paid[:k])
-            theta = self._plan([g if i in chosen or free[i] else [] for i, g in enumerate(guess)],
-                               rows_drafting=k)[0]
-            if best is None or theta > best:
+        order = sorted(range(r), key=lambda i: -sum(guess[i]))   # most expected accepted drafts first
+        best, best_k = r / self.step_cost(r, 1), 0     # k = 0: a plain step
+        for k in sorted({*range(1, min(r, 8) + 1), *(2 ** e for e in range(3, r.bit_length())), r}):
+            chosen = set(order[:k])
+            theta = self._plan([g if i in chosen else [] for i, g in enumerate(guess)], rows_drafting=k)[0]
+            if theta > best:
                 best, best_k = theta, k
-        chosen = set(paid[:best_k])
-        stale = [i for i in paid if i not in chosen and self.idle[keys[i]] >= self.probe_every]
+        chosen = set(order[:best_k])
+        stale = [i for i in range(r) if i not in chosen and self.idle[keys[i]] >= self.probe_every]
         if stale:                                      # probe the longest idle one
             chosen.add(max(stale, key=lambda i: self.idle[keys[i]]))
-        return self._drafting(keys, chosen, free)
+        return self._drafting(keys, chosen)
 
-    def _drafting(self, keys, chosen: set, free: list[bool]) -> list[bool]:
-        self.paid_rows = sum(1 for i in chosen if not free[i])
+    def _drafting(self, keys, chosen: set) -> list[bool]:
         for i in chosen:
             self.idle[keys[i]] = 0
-        return [i in chosen or free[i] for i in range(len(keys))]
+        return [i in chosen for i in range(len(keys))]
 
     def observe_draft_time(self, seconds: float, rows: int = 1) -> None:
         self.draft_mean.setdefault(rows, RunningMean()).add(seconds)
@@ -207,9 +200,7 @@ class ConfidenceScheduler(Policy):
                 self.mean_survival += [RunningMean() for _ in range(len(sv) - len(self.mean_survival))]
                 for m, a in zip(self.mean_survival, sv):
                     m.add(a)
-        paid = sum(1 for n in limits if n > 0) if self.paid_rows is None else self.paid_rows
-        self.paid_rows = None
-        return self._plan(surv, rows_drafting=paid)[1]
+        return self._plan(surv, rows_drafting=sum(1 for n in limits if n > 0))[1]
 
     def _plan(self, surv: list[list[float]], rows_drafting: int = 1) -> tuple[float, list[int]]:
         """(expected Θ, verified drafts per row) of the step, its proposal for `rows_drafting` rows paid."""

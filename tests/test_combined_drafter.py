@@ -70,21 +70,6 @@ def test_greedy_combined_equals_plain_and_uses_both_sources(tiny_target, code_pr
     assert drafter.head_time.n > 0 and drafter.rest_time.n > 0 and drafter.head_cost() > 0   # measured as it ran
 
 
-def test_scheduler_keeps_the_free_lookup_when_the_head_does_not_pay(tiny_target, code_prompts, plain):
-    """A head that costs far more than it returns: the scheduler stops paying for it (probes aside), but
-    requests with a lookup match still draft (a dict probe costs nothing), and the output stays plain."""
-    lookups = {}
-    for free in (True, False):
-        drafter = combined(tiny_target)
-        if not free:   # the counterfactual: lookup rows wait for the scheduler like paid ones
-            drafter.free_rows = lambda states: [False] * len(states)
-        sched = ConfidenceScheduler(lambda r, w: 1e-3 * (1 + 0.05 * r * w), draft_cost=1.0)
-        res = Engine(tiny_target, drafter, policy=sched, gamma=4).generate(code_prompts, MAX_NEW)
-        assert res.outputs == plain
-        lookups[free] = drafter.counts["lookup"]
-    assert lookups[True] >= 2 * lookups[False] > 0, lookups
-
-
 def test_lookup_confidences_follow_the_running_rates(tiny_target):
     """Lookup blocks report ĉ per position (prior before any outcome, then the observed survival
     rates); outcomes are read from what the target emitted."""

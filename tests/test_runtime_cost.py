@@ -66,7 +66,7 @@ def test_steps_without_drafting_cost_the_drafter_nothing(tiny_target, tiny_promp
     class EveryFourth(VerifyAll):
         steps = 0
 
-        def draft_rows(self, states, free=None):
+        def draft_rows(self, states):
             self.steps += 1
             return [self.steps % 4 == 1] * len(states)
 

@@ -282,19 +282,6 @@ def test_under_load_only_the_most_confident_rows_draft():
     assert sched.choose([None] * 8, proposals, [0] * 7 + [3]) == [0] * 7 + [3]
 
 
-def test_free_rows_draft_and_are_not_charged():
-    """A request the drafter serves for free (a lookup match) drafts even when paying for the others
-    does not, and the step's plan charges no proposal for it."""
-    cost = table_cost({3: [3.0, 3.3, 3.6, 3.9]})
-    sched = ConfidenceScheduler(cost, draft_cost=10.0)      # a paid proposal never pays back
-    choose(sched, [[0.9, 0.9, 0.9]] * 3)
-    assert sched.draft_rows([None] * 3, free=[False, True, False]) == [False, True, False]
-    assert sched.paid_rows == 0
-    proposals = props([[], [0.9, 0.9, 0.9], []])
-    assert sched.choose([None] * 3, proposals, [0, 3, 0]) == [0, 3, 0]   # verified: its block is free
-    assert sched.paid_rows is None                           # used once
-
-
 def test_draft_cost_is_tracked_per_number_of_rows():
     """A proposal for many rows costs more than for one: the scheduler weighs each batch size with the
     drafting time observed at that size (interpolated between the sizes seen when it has not seen it)."""
