@@ -128,7 +128,7 @@ class ConfidenceScheduler(Policy):
         self.fixed_draft = draft_cost
         self.draft_mean: dict[int, RunningMean] = {}   # drafting rows → mean seconds of a proposal
         self.max_age, self.probe_every = max_age, probe_every
-        self.latest: dict = {}                         # request → (its survivals at its latest proposal, steps since)
+        self.latest: dict = {}                         # request → its survivals at its latest proposal
         self.idle: dict = {}                           # request → steps since it last drafted
         self.mean_survival: list[RunningMean] = []     # per block position, over every proposal
 
@@ -140,15 +140,13 @@ class ConfidenceScheduler(Policy):
         """The requests to draft for this step (see the class); depends only on earlier steps, so
         decoding stays lossless."""
         keys = [self._key(s, i) for i, s in enumerate(states)]
-        live = set(keys)
-        self.latest = {k: (surv, age + 1) for k, (surv, age) in self.latest.items() if k in live}
-        self.idle = {k: self.idle.get(k, self.probe_every - 1) + 1 for k in keys}
+        self.idle = {k: self.idle.get(k, self.probe_every - 1) + 1 for k in keys}   # new requests: due a probe
+        self.latest = {k: surv for k, surv in self.latest.items() if k in self.idle}
         r = len(states)
         if not self.mean_survival:                     # nothing proposed yet: every row drafts
             return self._drafting(keys, set(range(r)))
         prior = [m.mean for m in self.mean_survival]
-        guess = [self.latest[k][0] if k in self.latest and self.latest[k][1] <= self.max_age else prior
-                 for k in keys]
+        guess = [self.latest[k] if k in self.latest and self.idle[k] <= self.max_age else prior for k in keys]
         order = sorted(range(r), key=lambda i: -sum(guess[i]))   # most expected accepted drafts first
         best, best_k = r / self.step_cost(r, 1), 0     # k = 0: a plain step
         for k in sorted({*range(1, min(r, 8) + 1), *(2 ** e for e in range(3, r.bit_length())), r}):
@@ -195,7 +193,7 @@ class ConfidenceScheduler(Policy):
         surv = [survival(p, lim) for p, lim in zip(proposals, limits)]
         for i, (s, sv) in enumerate(zip(states, surv)):
             if sv:                                     # this row drafted: remember what it predicts
-                self.latest[self._key(s, i)] = (sv, 0)
+                self.latest[self._key(s, i)] = sv
                 self.idle[self._key(s, i)] = 0
                 self.mean_survival += [RunningMean() for _ in range(len(sv) - len(self.mean_survival))]
                 for m, a in zip(self.mean_survival, sv):
